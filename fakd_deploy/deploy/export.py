@@ -1,0 +1,265 @@
+"""Export a student to one self-describing ONNX file and prove that it matches PyTorch.
+
+The exported graph takes normalised images (N, 3, H, W) and returns logits upsampled to
+(H, W), or int64 labels with `argmax=True`. Everything a runtime needs to use it (class
+names, normalisation, input size) and to trace it back (recipe, checkpoint hash) is
+stored in the model's `metadata_props`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import onnxslim
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fakd_deploy import __version__
+from fakd_deploy.deploy import ExportError, error_summary
+from fakd_deploy.deploy.shapes import run_fixed_batch
+from fakd_deploy.progress import console
+from fakd_deploy.utils import atomic_write, file_sha256, text_sha256
+
+INPUT_NAME = "images"
+TEXT_KEYS = frozenset({"recipe"})  # stored verbatim so Netron shows readable YAML
+EXTERNAL_DATA_BYTES = 2**31  # protobuf cannot hold a single file beyond 2 GB
+PARITY_IMAGES = 8
+
+ParityBatches = Iterable[torch.Tensor | tuple[torch.Tensor, ...]]
+
+
+class DeployModel(nn.Module):
+    """The graph users deploy: bilinear upsampling to the input size and optional argmax inside."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int], argmax: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.size = (int(size[0]), int(size[1]))
+        self.argmax = argmax
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = F.interpolate(self.model(images), size=self.size, mode="bilinear",
+                               align_corners=False)
+        return logits.argmax(1) if self.argmax else logits
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """SyncBatchNorm exists for multi-GPU training only; exporters and runtimes want BatchNorm2d."""
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        plain.load_state_dict(module.state_dict())
+        return plain
+    for name, child in module.named_children():
+        reverted = revert_sync_batchnorm(child)
+        if reverted is not child:
+            setattr(module, name, reverted)
+    return module
+
+
+def checkpoint_metadata(checkpoint: dict[str, Any], sha256: str) -> dict[str, Any]:
+    """What a runtime needs from a training checkpoint: classes, normalisation, recipe."""
+    from fakd_deploy.recipe import parse_recipe
+
+    meta: dict[str, Any] = {"checkpoint_sha256": sha256, "role": checkpoint.get("role"),
+                            "variant": checkpoint.get("variant"), "arch": checkpoint.get("arch"),
+                            "class_names": checkpoint.get("class_names")}
+    if checkpoint.get("recipe"):
+        recipe = parse_recipe(checkpoint["recipe"])
+        text = recipe.to_yaml()
+        meta.update(mean=list(recipe.data.mean), std=list(recipe.data.std),
+                    pixel_scale=recipe.data.pixel_scale, ignore_index=recipe.data.ignore_index,
+                    recipe=text, recipe_sha256=text_sha256(text))
+    return meta
+
+
+def load_student(source: str | Path | nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """The bare student of a checkpoint (teacher, adapters and aux heads are not in `forward`)."""
+    if isinstance(source, nn.Module):
+        return source, {}
+    from fakd_deploy.models import load_checkpoint, model_from_checkpoint
+
+    checkpoint = load_checkpoint(source)
+    return model_from_checkpoint(checkpoint), checkpoint_metadata(checkpoint, file_sha256(source))
+
+
+def write_metadata(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
+    """Set `metadata_props` entries (JSON values; the recipe as plain YAML text)."""
+    entries = {prop.key: prop.value for prop in model.metadata_props}
+    for key, value in metadata.items():
+        entries[key] = value if key in TEXT_KEYS else json.dumps(value)
+    onnx.helper.set_model_props(model, entries)
+
+
+def _decode(key: str, value: str) -> Any:
+    if key in TEXT_KEYS:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value  # metadata written by another tool
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The `metadata_props` of an ONNX file, decoded; the weights are not read."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: _decode(prop.key, prop.value) for prop in model.metadata_props}
+
+
+def _to_onnx(wrapper: nn.Module, example: torch.Tensor, dynamic: bool, opset: int,
+             output_name: str) -> tuple[onnx.ModelProto, str]:
+    """The dynamo exporter first; the TorchScript exporter when dynamo cannot trace the model."""
+    names = {"input_names": [INPUT_NAME], "output_names": [output_name], "opset_version": opset}
+    try:
+        shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if dynamic else None
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, dynamic_shapes=shapes,
+                                    verbose=False, **names)
+        return program.model_proto, "dynamo"
+    except Exception as error:
+        warnings.warn(f"the dynamo ONNX exporter failed ({error_summary(error)}); falling back to "
+                      "the TorchScript exporter", stacklevel=3)
+    axes = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}} if dynamic else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's own deprecation notice
+        torch.onnx.export(wrapper, (example,), buffer, dynamo=False, dynamic_axes=axes, **names)
+    return onnx.load_from_string(buffer.getvalue()), "torchscript"
+
+
+def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    try:
+        return onnxslim.slim(model), True
+    except Exception as error:
+        warnings.warn(f"onnxslim could not simplify the graph ({error_summary(error)}); keeping "
+                      "the exported graph", stacklevel=3)
+        return model, False
+
+
+def _save(model: onnx.ModelProto, path: Path, final_name: str) -> None:
+    """One file below 2 GB; beyond that the weights go to `<name>.data` beside it."""
+    weights = sum(tensor.ByteSize() for tensor in model.graph.initializer)
+    large = weights > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=large,
+                    location=f"{final_name}.data" if large else None)
+
+
+def _logits_session(path: Path, argmax: bool) -> tuple[ort.InferenceSession, str]:
+    """A CPU session whose last output is the logits, also for argmax exports."""
+    if not argmax:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session, session.get_outputs()[0].name
+    model = onnx.load(str(path))
+    node = next(node for node in model.graph.node if node.op_type == "ArgMax")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(
+        node.input[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session, node.input[0]
+
+
+def _images(batches: ParityBatches, size: tuple[int, int]) -> Iterable[torch.Tensor]:
+    for item in batches:
+        images = (item[0] if isinstance(item, tuple | list) else item).float()
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size, mode="bilinear", align_corners=False)
+        yield images
+
+
+@torch.no_grad()
+def check_parity(reference: nn.Module, path: Path, batches: ParityBatches,
+                 size: tuple[int, int], batch: int | None, argmax: bool) -> dict[str, Any]:
+    """Largest absolute logit difference and argmax agreement of ONNX Runtime vs PyTorch."""
+    session, output = _logits_session(path, argmax)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        (out,) = session.run([output], {INPUT_NAME: images.numpy()})
+        return torch.from_numpy(out)
+
+    diff, agree, pixels, count = 0.0, 0, 0, 0
+    for images in _images(batches, size):
+        expected = reference(images)
+        actual = run_fixed_batch(run, images, batch)
+        diff = max(diff, float((expected - actual).abs().max()))
+        agree += int((expected.argmax(1) == actual.argmax(1)).sum())
+        pixels += expected.argmax(1).numel()
+        count += images.shape[0]
+    if count == 0:
+        raise ExportError("the parity check got no images")
+    return {"max_abs_diff": diff, "argmax_agreement": agree / pixels, "parity_images": count}
+
+
+def _default_parity(metadata: dict[str, Any], example: torch.Tensor) -> ParityBatches:
+    """Validation images from the checkpoint's recipe; random ones only for a bare module."""
+    if metadata.get("recipe"):
+        import yaml
+
+        from fakd_deploy.loaders import val_loader
+        from fakd_deploy.recipe import parse_recipe
+
+        recipe = parse_recipe(yaml.safe_load(metadata["recipe"]))
+        return val_loader(recipe.data, max_images=PARITY_IMAGES)
+    warnings.warn("no validation images for the parity check: comparing on random inputs",
+                  stacklevel=3)
+    return [torch.randn_like(example) for _ in range(2)]
+
+
+def export_onnx(checkpoint_or_model: str | Path | nn.Module, out: str | Path, height: int,
+                width: int, batch: int = 1, dynamic: bool = False, opset: int = 18,
+                argmax: bool = False, metadata: dict[str, Any] | None = None,
+                parity_batches: ParityBatches | None = None,
+                tolerance: float = 1e-4) -> dict[str, Any]:
+    """Export, check, simplify, annotate and verify a student; the file appears only if it passes.
+
+    Raises `ExportError` when ONNX Runtime differs from PyTorch by more than `tolerance`
+    (absolute, on the upsampled logits).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    model, meta = load_student(checkpoint_or_model)
+    model = revert_sync_batchnorm(model).eval().cpu().float()
+    size = (height, width)
+    reference = DeployModel(model, size, argmax=False).eval()
+    wrapper = DeployModel(model, size, argmax=argmax).eval()
+    # A dynamic batch traced at size 1 would be specialised to 1 by torch.export.
+    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width)
+    with torch.no_grad():
+        num_classes = int(reference(example[:1]).shape[1])
+    output_name = "labels" if argmax else "logits"
+
+    proto, exporter = _to_onnx(wrapper, example, dynamic, opset, output_name)
+    proto, simplified = _simplify(proto)
+    meta.update(fakd_deploy_version=__version__, exporter=exporter, opset=opset,
+                input_size=[height, width], batch=None if dynamic else batch, dynamic=dynamic,
+                num_classes=num_classes, argmax=argmax, output=output_name)
+    meta.update(metadata or {})
+    write_metadata(proto, meta)
+    batches = parity_batches if parity_batches is not None else _default_parity(meta, example)
+    parity: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        _save(proto, tmp, out.name)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        parity.update(check_parity(reference, tmp, batches, size, None if dynamic else batch,
+                                   argmax))
+        console.print(f"parity over {parity['parity_images']} images: max |Δ logit| "
+                      f"{parity['max_abs_diff']:.2e} (tolerance {tolerance:.0e}), argmax "
+                      f"agreement {100 * parity['argmax_agreement']:.3f} %")
+        if not parity["max_abs_diff"] <= tolerance:
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.2e} "
+                              f"> tolerance {tolerance:.0e} (argmax agreement "
+                              f"{100 * parity['argmax_agreement']:.3f} %); {out} was not written")
+
+    atomic_write(out, write)
+    return {"path": str(out), "exporter": exporter, "simplified": simplified, "opset": opset,
+            "input_size": [height, width], "batch": None if dynamic else batch, "dynamic": dynamic,
+            "argmax": argmax, "num_classes": num_classes, **parity,
+            "size_mb": out.stat().st_size / 2**20, "sha256": file_sha256(out),
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,99 @@
+"""Timing and memory measurement for the benchmark, free of any model or backend code."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+from fakd_deploy.evaluate import Predictor
+
+MIN_ITERS = 20
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no /proc (macOS): the process high-water mark is the best there is
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class PeakMemory:
+    """Peak growth of process RSS (CPU) or of used GPU memory (GPU) while the block runs.
+
+    Sampled by a thread, so memory allocated by ONNX Runtime or TensorRT counts too.
+    """
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.gpu = torch.cuda.is_available()
+        self.peak = {"cpu": 0, "gpu": 0}
+        self._stop = threading.Event()
+
+    def _used(self) -> dict[str, int]:
+        used = {"cpu": _rss_bytes(), "gpu": 0}
+        if self.gpu:
+            free, total = torch.cuda.mem_get_info()
+            used["gpu"] = total - free
+        return used
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for key, value in self._used().items():
+                self.peak[key] = max(self.peak[key], value)
+
+    def __enter__(self) -> PeakMemory:
+        if self.gpu:
+            torch.cuda.empty_cache()
+        self.base = self._used()
+        self.peak = dict(self.base)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for key, value in self._used().items():
+            self.peak[key] = max(self.peak[key], value)
+
+    def mb(self, gpu: bool) -> float:
+        key = "gpu" if gpu else "cpu"
+        return max(self.peak[key] - self.base[key], 0) / 2**20
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_latency(predictor: Predictor, images: torch.Tensor, warmup_s: float = 1.0,
+                    seconds: float = 3.0, iters: int | None = None,
+                    min_iters: int = MIN_ITERS) -> list[float]:
+    """Milliseconds per call: time-based warm-up, then `iters` calls or `seconds` of calls."""
+    predictor(images)
+    warm_until = time.perf_counter() + warmup_s
+    while time.perf_counter() < warm_until:
+        predictor(images)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while (len(times) < iters if iters else
+           len(times) < min_iters or time.perf_counter() < deadline):
+        _sync()
+        start = time.perf_counter()
+        predictor(images)
+        _sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def latency_stats(times: list[float]) -> dict[str, float]:
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return {"mean": round(float(np.mean(times)), 3), "p50": round(float(p50), 3),
+            "p90": round(float(p90), 3), "p99": round(float(p99), 3)}

@@ -1,0 +1,219 @@
+"""The Distiller: student + frozen teacher + loss terms -> one scalar loss and its parts.
+
+The same class trains all three roles: with no teacher and no terms it is plain
+cross-entropy (teacher, baseline); with terms it adds distillation (students).
+A term with lam0 > 0 is FAKD: it augments the student's features with the class
+covariance kept by a `ClassCovariance` (updated every training step) and minimises the
+closed-form bound from `fakd.py`, with lam = lam0 * progress (ISDA's linear ramp).
+
+Adding a distillation method is one function with the `TermLoss` signature below and
+one line in `LOSSES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fakd_deploy.distill import fakd, losses
+
+
+class Term(Protocol):
+    """What the distiller reads from a loss term (the recipe's pydantic model fits it)."""
+
+    loss: str
+    weight: float
+    tau: float
+    lam0: float
+    bound: str
+    diagonal: bool
+
+
+@dataclass
+class LossTerm:
+    """One distillation term for library use and tests; `lam0 > 0` turns on FAKD."""
+
+    loss: str
+    weight: float = 1.0
+    tau: float = 1.0
+    lam0: float = 0.0
+    bound: Literal["pairwise", "marginal"] = "marginal"
+    diagonal: bool = True
+
+
+@dataclass
+class Pair:
+    """What one term compares, at the student's head resolution.
+
+    `student` is the student's logits, or its features through the term's 1x1 adapter;
+    `weight` (K, A) maps the pre-classifier feature h into `student`, so FAKD can turn
+    the feature covariance into the variance of each of the K channels.
+    """
+
+    student: Tensor
+    teacher: Tensor
+    weight: Tensor
+    labels: Tensor
+    ignore_index: int
+
+
+def kd_term(pair: Pair, term: Term, covariance: Tensor | None, lam: float) -> Tensor:
+    if covariance is None:
+        return losses.kd_loss(pair.student, pair.teacher, term.tau, pair.labels, pair.ignore_index)
+    return fakd.kd_loss(pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam,
+                        term.tau, term.bound, pair.ignore_index)
+
+
+def cwd_term(pair: Pair, term: Term, covariance: Tensor | None, lam: float) -> Tensor:
+    if covariance is None:
+        return losses.cwd_loss(pair.student, pair.teacher, term.tau)
+    return fakd.cwd_loss(pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam,
+                         term.tau, pair.ignore_index)
+
+
+def mse_term(pair: Pair, term: Term, covariance: Tensor | None, lam: float) -> Tensor:
+    if covariance is None:
+        return losses.mse_loss(pair.student, pair.teacher)
+    return fakd.mse_loss(pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam,
+                         pair.ignore_index)
+
+
+# (pair, term, covariance or None for a plain term with lam0 = 0, current lam) -> loss
+TermLoss = Callable[[Pair, Term, Tensor | None, float], Tensor]
+
+
+class Loss(NamedTuple):
+    """A registered term: its function and whether it compares logits or adapted features."""
+
+    fn: TermLoss
+    on: Literal["logits", "features"]
+
+
+LOSSES: dict[str, Loss] = {
+    "kd": Loss(kd_term, "logits"),
+    "cwd": Loss(cwd_term, "logits"),
+    "cwd_feat": Loss(cwd_term, "features"),
+    "mse_feat": Loss(mse_term, "features"),
+}
+
+
+class Distiller(nn.Module):
+    """Student, optional frozen teacher, adapters and class-covariance estimators.
+
+    The teacher is kept out of the module registry, so it is in neither `parameters()`
+    nor `state_dict()` (checkpoints hold the student, adapters and estimators only);
+    it stays in eval mode without gradients and follows `.to(device)`.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, terms: Sequence[Term],
+                 num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4) -> None:
+        super().__init__()
+        check_terms(terms, teacher)
+        self.student = student
+        self.terms = list(terms)
+        self.names = term_names(self.terms)
+        self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)
+        self.adapters = nn.ModuleDict({
+            name: nn.Conv2d(student.feat_dim, teacher.feat_dim, 1)
+            for name, term in zip(self.names, self.terms, strict=True)
+            if LOSSES[term.loss].on == "features"})
+        self.estimators = nn.ModuleDict({
+            estimator_key(term): fakd.ClassCovariance(num_classes, student.feat_dim, term.diagonal)
+            for term in self.terms if term.lam0 > 0})
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Distiller:
+        """Move or cast the unregistered teacher along with everything else."""
+        if self._teacher is not None:
+            self._teacher._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, images: Tensor, labels: Tensor, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and every term, detached, for logging ("ce", "aux", "kd", "kd.lam", ...).
+
+        total = ce + aux_weight * aux + sum_t weight_t * term_t. progress = step / total_steps
+        in [0, 1] sets lam = lam0 * progress. Losses are computed in float32, outside autocast.
+        """
+        out = self.student.forward_train(images)
+        teacher_out = self.teacher_forward(images)
+        with torch.autocast(images.device.type, enabled=False):
+            logs = {"ce": losses.ce_loss(out.logits.float(), labels, self.ignore_index)}
+            total = logs["ce"]
+            if out.aux_logits is not None:
+                logs["aux"] = losses.ce_loss(out.aux_logits.float(), labels, self.ignore_index)
+                total = total + self.aux_weight * logs["aux"]
+            if self.training:
+                self.update_estimators(out.features, labels)
+            lam_scale = min(max(progress, 0.0), 1.0)
+            for name, term in zip(self.names, self.terms, strict=True):
+                lam = term.lam0 * lam_scale
+                logs[name] = self.term_loss(name, term, out, teacher_out, labels, lam)
+                total = total + term.weight * logs[name]
+                if term.lam0 > 0:
+                    logs[f"{name}.lam"] = logs[name].new_tensor(lam)
+        return total, {key: value.detach() for key, value in logs.items()}
+
+    @torch.no_grad()
+    def teacher_forward(self, images: Tensor) -> Any:
+        """The teacher's outputs (logits and features), or None when nothing is distilled."""
+        if self._teacher is None or not self.terms:
+            return None
+        return self._teacher.forward_train(images)
+
+    def update_estimators(self, features: Tensor, labels: Tensor) -> None:
+        for estimator in self.estimators.values():
+            estimator.update(features, labels, self.ignore_index)
+
+    def term_loss(self, name: str, term: Term, out: Any, teacher_out: Any, labels: Tensor,
+                  lam: float) -> Tensor:
+        """One term's value; FAKD (lam0 > 0) passes the shared estimator's covariance."""
+        covariance = self.estimators[estimator_key(term)].covariance if term.lam0 > 0 else None
+        pair = self.pair(name, term, out, teacher_out, labels)
+        return LOSSES[term.loss].fn(pair, term, covariance, lam)
+
+    def pair(self, name: str, term: Term, out: Any, teacher_out: Any, labels: Tensor) -> Pair:
+        """Logits and classifier rows, or adapted features and adapter rows, for one term."""
+        if LOSSES[term.loss].on == "features":
+            adapter = self.adapters[name]
+            student, weight = adapter(out.features.float()), adapter.weight[:, :, 0, 0]
+            teacher = teacher_out.features
+        else:
+            student, weight = out.logits.float(), self.student.classifier.weight[:, :, 0, 0]
+            teacher = teacher_out.logits
+        return Pair(student, losses.resize_like(teacher.float(), student), weight.float(), labels,
+                    self.ignore_index)
+
+
+def check_terms(terms: Sequence[Term], teacher: nn.Module | None) -> None:
+    """Fail at construction, not mid-training, on an unknown loss or bound or a missing teacher."""
+    for term in terms:
+        if term.loss not in LOSSES:
+            raise ValueError(f"unknown loss '{term.loss}'; known: {', '.join(LOSSES)}")
+        if term.bound not in ("pairwise", "marginal"):
+            raise ValueError(f"bound must be 'pairwise' or 'marginal', not '{term.bound}'")
+    if terms and teacher is None:
+        raise ValueError("distillation terms need a teacher")
+
+
+def term_names(terms: Sequence[Term]) -> list[str]:
+    """Log keys: the loss name, numbered from the second occurrence on ("kd", "kd2", ...)."""
+    names = []
+    for i, term in enumerate(terms):
+        uses = [earlier.loss for earlier in terms[:i]].count(term.loss)
+        names.append(term.loss if uses == 0 else f"{term.loss}{uses + 1}")
+    return names
+
+
+def estimator_key(term: Term) -> str:
+    """FAKD terms share one estimator per covariance kind: they see the same features."""
+    return "diagonal" if term.diagonal else "full"

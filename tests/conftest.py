@@ -1,0 +1,20 @@
+"""Shared fixtures: where the real data lives, and small recipes that run in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = ROOT.parent / "shared" / "datasets" / "camvid"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def camvid_root() -> Path:
+    if not (CAMVID / "train.txt").exists():
+        pytest.skip(f"CamVid not found at {CAMVID} (it lives in ../shared beside the project)")
+    return CAMVID

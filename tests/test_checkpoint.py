@@ -1,0 +1,128 @@
+"""Checkpoints: round trip, clear errors for bad files, and import of weights trained elsewhere."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fakd_deploy.models import (
+    CheckpointError,
+    Segmenter,
+    build_model,
+    import_state_dict,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+
+def small_model() -> Segmenter:
+    torch.manual_seed(0)
+    return build_model("deeplabv3", 4, "resnet10t", aux=True, channels=16)
+
+
+@pytest.fixture
+def model() -> Segmenter:
+    return small_model()
+
+
+@pytest.fixture
+def saved(tmp_path: Path, model: Segmenter) -> Path:
+    return save_checkpoint(tmp_path / "run" / "student.pt",
+                           {"model": model.state_dict(), "arch": model.config, "step": 7})
+
+
+def test_round_trip_gives_identical_outputs(saved: Path, model: Segmenter) -> None:
+    assert load_checkpoint(saved)["step"] == 7
+    restored = model_from_checkpoint(saved)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model.eval()(x))
+    assert not restored.training
+    assert restored.config == model.config
+
+
+def test_save_leaves_no_temporary_files(saved: Path) -> None:
+    assert [p.name for p in saved.parent.iterdir()] == ["student.pt"]
+
+
+def test_truncated_file_names_the_file(saved: Path) -> None:
+    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"student\.pt is not a readable checkpoint \(truncated"):
+        load_checkpoint(saved)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nothing\.pt does not exist"):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_missing_keys_are_named(tmp_path: Path, model: Segmenter) -> None:
+    path = save_checkpoint(tmp_path / "weights.pt", {"model": model.state_dict()})
+    with pytest.raises(CheckpointError, match=r"weights\.pt is not a fakd-deploy checkpoint: "
+                                              r"it lacks \['arch'\]"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_arch(tmp_path: Path, model: Segmenter) -> None:
+    arch = {**model.config, "channels": 8}
+    path = save_checkpoint(tmp_path / "odd.pt", {"model": model.state_dict(), "arch": arch})
+    with pytest.raises(CheckpointError, match=r"odd\.pt do not fit"):
+        model_from_checkpoint(path)
+
+
+def test_import_strips_prefix_and_unwraps(tmp_path: Path, model: Segmenter) -> None:
+    path = tmp_path / "foreign.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    fresh = build_model(**model.config)
+    report = import_state_dict(fresh, path, strip_prefix=["module."])
+    assert len(report["loaded"]) == len(model.state_dict())
+    assert report["missing"] == report["unexpected"] == []
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_import_renames_by_regex(model: Segmenter) -> None:
+    foreign = {r"^encoder\.body\.": "backbone.", r"^classifier\.": "decode_head.conv_seg."}
+    state = {}
+    for key, value in model.state_dict().items():
+        for pattern, replacement in foreign.items():
+            key = re.sub(pattern, replacement, key)
+        state[key] = value
+    fresh = build_model(**model.config)
+    import_state_dict(fresh, state, rename={r"^backbone\.": "encoder.body.",
+                                            r"^decode_head\.conv_seg\.": "classifier."})
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert torch.equal(fresh.encoder.body.state_dict()["conv1.0.weight"],
+                       model.encoder.body.state_dict()["conv1.0.weight"])
+
+
+def test_import_lists_missing_and_unexpected_keys(model: Segmenter) -> None:
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("aux_classifier.")}
+    state["decode_head.extra.weight"] = torch.zeros(1)
+    fresh = build_model(**model.config)
+    with pytest.raises(CheckpointError, match=r"missing keys: aux_classifier\.0\.0\.weight.*"
+                                              r"1 unexpected keys: decode_head\.extra\.weight"):
+        import_state_dict(fresh, state)
+    report = import_state_dict(fresh, state, allow_missing=True, allow_unexpected=True)
+    assert "aux_classifier.2.bias" in report["missing"]
+    assert report["unexpected"] == ["decode_head.extra.weight"]
+    assert torch.equal(fresh.classifier.bias, model.classifier.bias)
+
+
+def test_import_shape_mismatch_is_always_an_error(model: Segmenter) -> None:
+    state = dict(model.state_dict())
+    state["classifier.weight"] = torch.zeros(9, 16, 1, 1)
+    with pytest.raises(CheckpointError, match=r"1 shape mismatches: classifier\.weight \(9, 16, 1, 1\)"):
+        import_state_dict(build_model(**model.config), state, allow_missing=True, allow_unexpected=True)
+
+
+def test_import_of_a_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"teacher\.pth is not a readable checkpoint"):
+        import_state_dict(small_model(), path)

@@ -1,0 +1,201 @@
+"""File-backed datasets: CamVid on disk, tiny fake trees of the other layouts, errors, `data check`."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+from fakd_deploy.data import DATASETS, DatasetError, build_dataset, build_transforms
+from fakd_deploy.data.check import print_summary, summarize
+
+CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
+
+
+def write_image(path: Path, height: int = 4, width: int = 6) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), 128, dtype=np.uint8)).save(path)
+
+
+def write_label(path: Path, values: list[int], mode: str = "L", width: int = 6) -> np.ndarray:
+    """A label whose rows cycle through `values`; a palette PNG when mode is "P"."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label = np.resize(np.repeat(np.array(values, dtype=np.uint8), width), (4, width))
+    image = Image.new(mode, (width, 4))
+    image.putdata(label.ravel().tolist())
+    if mode == "P":
+        image.putpalette([(7 * i) % 256 for i in range(768)])
+    image.save(path)
+    return label.astype(np.int64)
+
+
+@pytest.fixture
+def camvid() -> Path:
+    if not (CAMVID / "train.txt").exists():
+        pytest.skip(f"CamVid not found at {CAMVID} (expected in ../shared/datasets beside the project)")
+    return CAMVID
+
+
+def test_registry_names() -> None:
+    assert set(DATASETS) == {"synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"}
+
+
+def test_camvid_splits_shapes_and_void(camvid: Path) -> None:
+    train, val = build_dataset("camvid", camvid, "train"), build_dataset("camvid", camvid, "val")
+    assert (len(train), len(val)) == (367, 101)
+    assert train.num_classes == 11 and train.ignore_index == 255
+    assert train.class_names[0] == "Sky" and train.class_names[-1] == "Bicyclist"
+    image, mask = train[0]
+    assert image.shape == (360, 480, 3) and image.dtype == np.uint8
+    assert mask.shape == (360, 480) and mask.dtype == np.int64
+    raw = np.asarray(Image.open(train.files[0][1]))
+    assert set(np.unique(mask)) <= set(range(11)) | {255}
+    np.testing.assert_array_equal(mask == 255, raw == 11)
+
+
+def test_camvid_with_transform(camvid: Path) -> None:
+    ds = build_dataset("camvid", camvid, "val", transform=build_transforms(False, None, resize=(96, 128)))
+    image, mask = ds[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 96, 128)
+    assert mask.dtype == torch.int64 and mask.shape == (96, 128)
+
+
+def test_cityscapes_maps_label_ids_and_prefers_train_ids(tmp_path: Path) -> None:
+    city = "aachen"
+    for stem in ("aachen_000000_000019", "aachen_000001_000019"):
+        write_image(tmp_path / "leftImg8bit/train" / city / f"{stem}_leftImg8bit.png")
+    gt = tmp_path / "gtFine/train" / city
+    write_label(gt / "aachen_000000_000019_gtFine_labelIds.png", [7, 26, 0, 33])
+    write_label(gt / "aachen_000001_000019_gtFine_labelIds.png", [7, 7, 7, 7])
+    write_label(gt / "aachen_000001_000019_gtFine_labelTrainIds.png", [5, 255, 18, 0])
+    ds = build_dataset("cityscapes", tmp_path, "train")
+    assert len(ds) == 2 and ds.num_classes == 19
+    assert ds[0][1][:, 0].tolist() == [0, 13, 255, 18]
+    assert ds[1][1][:, 0].tolist() == [5, 255, 18, 0]
+
+
+def test_ade20k_ignores_zero_and_shifts(tmp_path: Path) -> None:
+    ade = tmp_path / "ADEChallengeData2016"
+    write_image(ade / "images/validation/ADE_val_00000001.jpg")
+    write_label(ade / "annotations/validation/ADE_val_00000001.png", [0, 1, 150, 3])
+    for root in (tmp_path, ade):
+        ds = build_dataset("ade20k", root, "val")
+        assert len(ds) == 1 and ds.num_classes == 150 == len(ds.class_names)
+        assert ds[0][1][:, 0].tolist() == [255, 0, 149, 2]
+
+
+def test_voc_reads_palette_indices_and_keeps_255(tmp_path: Path) -> None:
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    write_image(voc / "JPEGImages/2007_000032.jpg")
+    write_label(voc / "SegmentationClass/2007_000032.png", [0, 15, 255, 1], mode="P")
+    (voc / "ImageSets/Segmentation").mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n")
+    ds = build_dataset("voc", tmp_path / "VOCdevkit", "train")
+    assert ds.num_classes == 21 and ds.class_names[15] == "person"
+    assert ds[0][1][:, 0].tolist() == [0, 15, 255, 1]
+
+
+def test_voc_augmented_labels_and_list(tmp_path: Path) -> None:
+    write_image(tmp_path / "JPEGImages/a.jpg")
+    write_image(tmp_path / "JPEGImages/b.jpg")
+    write_label(tmp_path / "SegmentationClassAug/a.png", [3])
+    write_label(tmp_path / "SegmentationClassAug/b.png", [4])
+    (tmp_path / "ImageSets/Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets/Segmentation/train.txt").write_text("a\n")
+    (tmp_path / "ImageSets/Segmentation/train_aug.txt").write_text("a\nb\n")
+    ds = build_dataset("voc", tmp_path, "train", augmented=True)
+    assert [int(ds[i][1][0, 0]) for i in range(len(ds))] == [3, 4]
+
+
+def make_folder(root: Path, split: str = "") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.yaml").write_text("- sky\n- road\n- car\n")
+    write_image(root / "images" / split / "x1.jpg")
+    write_label(root / "masks" / split / "x1.png", [0, 2, 255, 1])
+
+
+def test_folder_pairs_by_stem_with_and_without_splits(tmp_path: Path) -> None:
+    make_folder(tmp_path / "flat")
+    ds = build_dataset("folder", tmp_path / "flat", "train")
+    assert ds.class_names == ["sky", "road", "car"] and ds.num_classes == 3
+    image, mask = ds[0]
+    assert image.shape == (4, 6, 3) and mask[:, 0].tolist() == [0, 2, 255, 1]
+    make_folder(tmp_path / "split", "val")
+    assert len(build_dataset("folder", tmp_path / "split", "val")) == 1
+    with pytest.raises(FileNotFoundError, match="train"):
+        build_dataset("folder", tmp_path / "split", "train")
+
+
+def test_folder_image_without_mask_names_it(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    write_image(tmp_path / "images/lonely.png")
+    with pytest.raises(FileNotFoundError, match="lonely"):
+        build_dataset("folder", tmp_path, "train")
+
+
+def test_out_of_range_label_names_file_and_value(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    write_label(tmp_path / "masks/x1.png", [0, 7])
+    ds = build_dataset("folder", tmp_path, "train")
+    with pytest.raises(DatasetError, match=r"x1\.png.* 7 ") as error:
+        ds[0]
+    assert isinstance(error.value, ValueError)
+
+
+def test_colour_label_is_refused(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    Image.fromarray(np.dstack([np.zeros((4, 6)), np.ones((4, 6)), np.zeros((4, 6))]).astype(np.uint8)
+                    ).save(tmp_path / "masks/x1.png")
+    with pytest.raises(DatasetError, match="colour"):
+        build_dataset("folder", tmp_path, "train")[0]
+
+
+@pytest.mark.parametrize("name", ["camvid", "cityscapes", "ade20k", "voc", "folder"])
+def test_missing_root_names_path(tmp_path: Path, name: str) -> None:
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "absent"))):
+        build_dataset(name, tmp_path / "absent", "train")
+
+
+def test_missing_split_names_path(tmp_path: Path) -> None:
+    (tmp_path / "train.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "test.txt"))):
+        build_dataset("camvid", tmp_path, "test")
+    (tmp_path / "leftImg8bit/train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "leftImg8bit" / "val"))):
+        build_dataset("cityscapes", tmp_path, "val")
+
+
+def test_bad_name_option_or_root() -> None:
+    with pytest.raises(ValueError, match="camvid"):
+        build_dataset("camvidd", "x", "train")
+    with pytest.raises(ValueError, match=r"colour.*num_classes"):
+        build_dataset("synthetic", None, "train", colour=3)
+    with pytest.raises(DatasetError, match="root"):
+        build_dataset("camvid", None, "train")
+
+
+def test_summary_counts_sizes_and_frequencies(tmp_path: Path) -> None:
+    make_folder(tmp_path, "train")
+    make_folder(tmp_path, "val")
+    summary = summarize("folder", tmp_path)
+    assert set(summary["splits"]) == {"train", "val"}
+    train = summary["splits"]["train"]
+    assert train["count"] == 1 and train["sizes"] == {(4, 6): 1}
+    assert train["classes"] == pytest.approx({"sky": 6 / 18, "road": 6 / 18, "car": 6 / 18})
+    assert train["ignore"] == pytest.approx(0.25)
+    console = Console(file=io.StringIO(), width=120)
+    print_summary(summary, console)
+    text = console.file.getvalue()
+    assert "4x6: 1" in text and "road" in text and "25.0%" in text
+
+
+def test_summary_of_nothing_names_root(tmp_path: Path) -> None:
+    (tmp_path / "classes.yaml").write_text("- a\n")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        summarize("camvid", tmp_path)
