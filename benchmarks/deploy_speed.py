@@ -1,8 +1,8 @@
 """PyTorch eager FP32 vs ONNX Runtime FP32 vs ONNX Runtime INT8, measured in one run.
 
     python benchmarks/deploy_speed.py                       # random-weight DeepLabV3-R18, 360x480
-    python benchmarks/deploy_speed.py runs/camvid/students/fakd_kd_s0/best.pt \
-        --recipe recipes/camvid.yaml --max-images 50        # a trained student, with mIoU
+    python benchmarks/deploy_speed.py runs/camvid_cpu/students/fakd_kd_s0/best.pt \
+        --recipe recipes/camvid_cpu.yaml --max-images 50    # a trained student, with mIoU
 
 Batch 1, `--threads` CPU threads for both runtimes, latency p50 after a time-based
 warm-up. INT8 is the ONNX Runtime flavour `fakd-deploy build --backend ort-int8` makes.
@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--calib", type=int, default=16, help="calibration images")
     parser.add_argument("--max-images", type=int, help="score only the first N val images")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="recipe override, e.g. --set data.val_resize=null")
     return parser.parse_args()
 
 
@@ -58,7 +60,7 @@ def main() -> None:
     if args.recipe:
         from fakd_deploy.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe, args.overrides)
     model = load_model(args.checkpoint)
     if recipe:
         from fakd_deploy.loaders import calibration_batches

@@ -207,7 +207,7 @@ def fit(distiller: Distiller, job: Job, resume: bool = True) -> dict[str, Any]:
     last, best = job.out_dir / "last.pt", job.out_dir / "best.pt"
 
     distiller.to(device)
-    if world > 1 and cfg.sync_bn:
+    if world > 1 and cfg.sync_bn and device.type == "cuda":  # torch has SyncBN on GPUs only
         distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
@@ -227,26 +227,20 @@ def fit(distiller: Distiller, job: Job, resume: bool = True) -> dict[str, Any]:
         if rank == 0:
             console.print(f"resuming {job.description} from {last} at step {step}/{cfg.steps}")
 
-    model = DistributedDataParallel(distiller, broadcast_buffers=False) if world > 1 else distiller
+    model = DistributedDataParallel(distiller) if world > 1 else distiller
 
     def save(path: Path, metrics: dict[str, Any]) -> None:
+        """best.pt: the student's weights and metadata; last.pt adds all training state."""
         if rank != 0:
             return
         student = distiller.student
-        save_checkpoint(path, {
-            **(job.payload or {}),
-            "model": student.state_dict(),
-            "arch": student.config,
-            "distiller": distiller.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-            "step": step,
-            "complete": step >= cfg.steps,
-            "metrics": metrics,
-            "best_metrics": best_metrics,
-        })
+        state = {**(job.payload or {}), "model": student.state_dict(), "arch": student.config,
+                 "step": step, "complete": step >= cfg.steps, "metrics": metrics}
+        if path == last:
+            state.update(distiller=distiller.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                         rng=rng_state(), best_metrics=best_metrics)
+        save_checkpoint(path, state)
 
     stream = batches(job.train_set, job, step)
     distiller.train()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,15 @@ def camvid_root() -> Path:
     if not (CAMVID / "train.txt").exists():
         pytest.skip(f"CamVid not found at {CAMVID} (it lives in ../shared beside the project)")
     return CAMVID
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function returning a free local TCP port, for `torchrun --master_port`."""
+    return _free_port

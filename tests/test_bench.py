@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from fakd_deploy.deploy.bench import _artifact_kind, add_deltas, bench_run, split_backends
-from fakd_deploy.deploy.measure import latency_stats, measure_latency
+from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_latency
 from fakd_deploy.deploy.report import pareto_front, print_report, to_markdown, write_report
 
 RECIPE = {
@@ -173,6 +173,21 @@ def test_artifact_names() -> None:
     assert _artifact_kind(Path("m.trt-int8.onnx")) is None
     assert _artifact_kind(Path("m.fp16.engine.json")) is None
     assert _artifact_kind(Path("m.int4.engine")) is None
+
+
+def test_peak_memory_sees_each_block_even_after_a_freed_one() -> None:
+    """A block that allocates what an earlier one freed still reads ~200 MB, not ~0.
+
+    A small object kept alive above the freed heap pages stops glibc from returning them
+    on its own: only `release_free_memory` (malloc_trim) lets the second block be seen.
+    """
+    pins = []
+    for _ in range(2):
+        with PeakMemory() as memory:
+            chunks = [bytearray(4096) for _ in range(50_000)]
+            pins.append(bytearray(4096))
+        del chunks
+        assert 180 <= memory.mb(gpu=False) <= 260
 
 
 def _fake(model: str, backend: str, miou: float, p50: float, status: str = "ok") -> dict[str, Any]:

@@ -8,7 +8,6 @@ is numpy's one-pass mean and variance;  5. gradcheck;  6. ranks under torchrun a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -263,13 +262,8 @@ def test_gradcheck(full: bool) -> None:
 
 # 6. under torchrun, every rank holds the covariance of the union ------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def test_ranks_agree_under_torchrun(tmp_path: Path) -> None:
+def test_ranks_agree_under_torchrun(tmp_path: Path, free_port: Callable[[], int]) -> None:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from fakd_deploy.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
@@ -85,3 +87,23 @@ def test_resolved_recipe_round_trips() -> None:
     import yaml
 
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+def _sections(model: type[BaseModel]) -> list[type[BaseModel]]:
+    """The model and every section below it."""
+    found = [model]
+    for field in model.model_fields.values():
+        for arg in (*getattr(field.annotation, "__args__", ()), field.annotation):
+            inner = getattr(arg, "__args__", (arg,))
+            for candidate in (arg, *inner):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    found += _sections(candidate)
+    return found
+
+
+def test_readme_recipe_reference_names_every_key() -> None:
+    readme = (RECIPES.parent / "README.md").read_text()
+    reference = readme[readme.index("## Recipes"):readme.index("## The run folder")]
+    missing = {f"{section.__name__}.{name}" for section in _sections(Recipe)
+               for name in section.model_fields if not re.search(rf"\b{name}\b", reference)}
+    assert not missing, f"README's recipe reference does not mention {sorted(missing)}"

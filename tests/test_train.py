@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from fakd_deploy.train import Interrupted, Job, TrainingError, fit, poly_schedul
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.options.num_images=24", "data.batch_size=4", "data.val_batch_size=8"]
+
 
 
 def tiny_job(tmp_path: Path, steps: int = 6, **train: object) -> tuple[Distiller, Job]:
@@ -119,3 +121,31 @@ def test_sigkill_mid_training_resumes_and_finishes(tmp_path: Path) -> None:
     assert finish.returncode == 0, finish.stderr
     assert f"resuming teacher from {last} at step {killed_at}/60" in " ".join(finish.stderr.split())
     assert load_checkpoint(out / "teacher" / "best.pt")["step"] == 60
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_train_and_pool_fakd_statistics(tmp_path: Path,
+                                                              free_port: Callable[[], int]) -> None:
+    """`torchrun --nproc_per_node 2` (gloo): a teacher, then a FAKD student from it.
+
+    With no scale augmentation every crop pixel is labelled, so the FAKD estimator in the
+    student's last.pt must have counted steps x ranks x batch x (8 x 8 head pixels): both
+    ranks' pixels, all-reduced inside the training loop.
+    """
+    steps, ranks, batch = 3, 2, 2
+    overrides = ["data.options.num_images=16", f"data.batch_size={batch}", "data.scale=[1.0, 1.0]",
+                 "data.val_batch_size=8", "teacher.train.steps=2", "teacher.train.eval_every=2",
+                 f"student.train.steps={steps}", f"student.train.eval_every={steps}"]
+    common = [str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(tmp_path),
+              *[arg for item in overrides for arg in ("--set", item)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["train", "--role", "teacher"], ["distill", "--variant", "fakd_kd"]):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                  str(ROOT / "cli.py"), command[0], *common, *command[1:]]
+        done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    last = load_checkpoint(tmp_path / "students" / "fakd_kd_s0" / "last.pt")
+    assert last["step"] == steps and last["complete"]
+    count = last["distiller"]["estimators.diagonal.count"]
+    assert int(count.sum()) == steps * ranks * batch * 8 * 8

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import threading
 import time
@@ -24,10 +27,25 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`).
+
+    Without it the RSS of a process that already ran one model hardly grows for the
+    next: the allocator reuses the freed pages, and the growth reads as zero.
+    """
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
 class PeakMemory:
     """Peak growth of process RSS (CPU) or of used GPU memory (GPU) while the block runs.
 
     Sampled by a thread, so memory allocated by ONNX Runtime or TensorRT counts too.
+    Freed memory is returned to the OS first, so each block starts from what is live.
     """
 
     def __init__(self, interval_s: float = 0.005) -> None:
@@ -49,6 +67,7 @@ class PeakMemory:
                 self.peak[key] = max(self.peak[key], value)
 
     def __enter__(self) -> PeakMemory:
+        release_free_memory()
         if self.gpu:
             torch.cuda.empty_cache()
         self.base = self._used()
