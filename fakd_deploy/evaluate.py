@@ -161,6 +161,37 @@ def evaluate(predictor: Predictor, batches: Iterable[tuple[torch.Tensor, torch.T
     return {**matrix.compute(), "mode": mode.describe(), "num_classes": num_classes}
 
 
+def summarize_variants(rows: Sequence[dict]) -> list[dict]:
+    """mIoU mean, sample standard deviation, min and max over the seeds of each variant.
+
+    A KD gain means something only against the spread of equally trained baselines.
+    """
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["variant"], []).append(row["miou"])
+    summary = []
+    for variant, values in groups.items():
+        scores = torch.tensor(values, dtype=torch.float64)
+        std = float(scores.std()) if len(values) > 1 else None
+        summary.append({"variant": variant, "seeds": len(values), "mean": float(scores.mean()),
+                        "std": std, "min": min(values), "max": max(values)})
+    return summary
+
+
+def print_variant_summary(rows: Sequence[dict]) -> None:
+    from rich.table import Table
+
+    from fakd_deploy.progress import console
+
+    table = Table(title=f"val mIoU by variant ({rows[0]['mode'] if rows else ''})")
+    for name in ("variant", "seeds", "mean", "std", "min", "max"):
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    for item in summarize_variants(rows):
+        table.add_row(item["variant"], str(item["seeds"]), f"{item['mean']:.2f}",
+                      "-" if item["std"] is None else f"{item['std']:.2f}",
+                      f"{item['min']:.2f}", f"{item['max']:.2f}")
+    console.print(table)
+
 
 def print_evaluation(result: dict, class_names: Sequence[str] | None = None) -> None:
     """A rich table of per-class IoU under the headline numbers."""

@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader
 
 from fakd_deploy import __version__, loaders
 from fakd_deploy.distill.distiller import Distiller
-from fakd_deploy.evaluate import EvalMode, TorchPredictor, evaluate
+from fakd_deploy.evaluate import EvalMode, TorchPredictor, evaluate, print_variant_summary
 from fakd_deploy.models import (
     build_model,
     import_state_dict,
+    load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
@@ -262,17 +263,20 @@ def evaluate_checkpoints(recipe: Recipe, run: RunFolder, checkpoints: dict[str, 
         device = resolve_device(recipe.device)
         rows = []
         for name, path in checkpoints.items():
-            model = model_from_checkpoint(path)
-            result = evaluate(TorchPredictor(model, device), loader, num_classes,
-                              recipe.data.ignore_index, mode, description=f"evaluate {name}",
-                              total=len(loader))
-            rows.append({"model": name, "checkpoint": str(path), **result})
+            checkpoint = load_checkpoint(path)
+            result = evaluate(TorchPredictor(model_from_checkpoint(checkpoint), device), loader,
+                              num_classes, recipe.data.ignore_index, mode,
+                              description=f"evaluate {name}", total=len(loader))
+            rows.append({"model": name, "variant": checkpoint.get("variant") or "teacher",
+                         "seed": checkpoint.get("seed"), "checkpoint": str(path), **result})
         save_json(rows, run.evaluation)
         return [run.evaluation], {"rows": len(rows)}
 
     run_stage(Manifest(run), "evaluate", stage_key(recipe.data, recipe.eval,
                                                    *checkpoints.values()), force, work)
-    return json.loads(run.evaluation.read_text())
+    rows = json.loads(run.evaluation.read_text())
+    print_variant_summary(rows)
+    return rows
 
 
 def export_size(recipe: Recipe) -> tuple[int, int]:

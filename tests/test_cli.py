@@ -57,6 +57,9 @@ def test_run_writes_every_artifact_and_a_consistent_report(tiny_run: Path) -> No
                                                                   abs=0.1)
     assert ("onnxruntime", "int8") in fakd
     assert {r["model"] for r in rows} >= {"teacher", "baseline_s0", "kd_s0", "fakd_kd_s0"}
+    evaluation = json.loads((tiny_run / "evaluation.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in evaluation} == {
+        ("teacher", None), ("baseline", 0), ("kd", 0), ("fakd_kd", 0)}
 
 
 def test_second_run_skips_every_stage(tiny_run: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fakd_deploy.evaluate import ConfusionMatrix, EvalMode, evaluate
+from fakd_deploy.evaluate import ConfusionMatrix, EvalMode, evaluate, summarize_variants
 
 
 def miou_by_sets(target: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> float:
@@ -85,3 +85,16 @@ def test_flip_and_slide_modes_are_recorded_and_consistent() -> None:
     assert slide["mode"] == "slide(16, 16)" and flip["mode"] == "whole+flip"
     assert abs(slide["miou"] - whole["miou"]) < 5
     assert flip["miou"] == pytest.approx(whole["miou"])  # the predictor is flip-equivariant
+
+
+def test_variant_summary_matches_numpy() -> None:
+    rows = [{"variant": "kd", "miou": 40.0}, {"variant": "baseline", "miou": 41.5},
+            {"variant": "kd", "miou": 43.0}, {"variant": "kd", "miou": 41.2},
+            {"variant": "teacher", "miou": 51.0}]
+    summary = {item["variant"]: item for item in summarize_variants(rows)}
+    kd = np.array([40.0, 43.0, 41.2])
+    assert summary["kd"]["seeds"] == 3
+    assert summary["kd"]["mean"] == pytest.approx(kd.mean(), abs=1e-12)
+    assert summary["kd"]["std"] == pytest.approx(kd.std(ddof=1), abs=1e-12)
+    assert (summary["kd"]["min"], summary["kd"]["max"]) == (40.0, 43.0)
+    assert summary["teacher"]["std"] is None and summary["teacher"]["mean"] == 51.0
