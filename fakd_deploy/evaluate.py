@@ -199,8 +199,9 @@ def print_evaluation(result: dict, class_names: Sequence[str] | None = None) -> 
 
     from fakd_deploy.progress import console
 
-    table = Table(title=f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  "
-                        f"mode {result['mode']}")
+    console.print(f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  "
+                  f"mode {result['mode']}", soft_wrap=True)
+    table = Table()
     table.add_column("class")
     table.add_column("IoU", justify="right")
     names = class_names or [str(i) for i in range(len(result["per_class_iou"]))]

@@ -29,5 +29,6 @@ def progress_bar(*fields: str) -> Progress:
         TimeRemainingColumn(),
         *(TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields),
     ]
-    return Progress(*columns, console=console, transient=not sys.stderr.isatty(),
-                    disable=False)
+    # A bar cannot redraw in a log file or pipe: there it is off, and the loops' own lines
+    # (validation scores, resume notices) are what the log shows.
+    return Progress(*columns, console=console, disable=not console.is_terminal)
