@@ -16,7 +16,8 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture
-def camvid_root() -> Path:
+def camvid() -> Path:
+    """The CamVid copy in ../shared beside the project; tests that need it skip without it."""
     if not (CAMVID / "train.txt").exists():
         pytest.skip(f"CamVid not found at {CAMVID} (it lives in ../shared beside the project)")
     return CAMVID

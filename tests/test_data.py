@@ -15,8 +15,6 @@ from rich.console import Console
 from fakd_deploy.data import DATASETS, DatasetError, build_dataset, build_transforms
 from fakd_deploy.data.check import print_summary, summarize
 
-CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
-
 
 def write_image(path: Path, height: int = 4, width: int = 6) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,13 +31,6 @@ def write_label(path: Path, values: list[int], mode: str = "L", width: int = 6) 
         image.putpalette([(7 * i) % 256 for i in range(768)])
     image.save(path)
     return label.astype(np.int64)
-
-
-@pytest.fixture
-def camvid() -> Path:
-    if not (CAMVID / "train.txt").exists():
-        pytest.skip(f"CamVid not found at {CAMVID} (expected in ../shared/datasets beside the project)")
-    return CAMVID
 
 
 def test_registry_names() -> None:
