@@ -89,15 +89,18 @@ def test_resolved_recipe_round_trips() -> None:
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
 
 
+def _types(annotation: object) -> list[object]:
+    """An annotation and every type nested in it: dict[str, list[X]] -> [..., X]."""
+    return [annotation, *(t for arg in getattr(annotation, "__args__", ()) for t in _types(arg))]
+
+
 def _sections(model: type[BaseModel]) -> list[type[BaseModel]]:
     """The model and every section below it."""
     found = [model]
     for field in model.model_fields.values():
-        for arg in (*getattr(field.annotation, "__args__", ()), field.annotation):
-            inner = getattr(arg, "__args__", (arg,))
-            for candidate in (arg, *inner):
-                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                    found += _sections(candidate)
+        for kind in _types(field.annotation):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += _sections(kind)
     return found
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,6 +29,13 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, looked up once (find_library runs ldconfig); None elsewhere."""
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
 def release_free_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`).
 
@@ -34,11 +43,9 @@ def release_free_memory() -> None:
     next: the allocator reuses the freed pages, and the growth reads as zero.
     """
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class PeakMemory:
