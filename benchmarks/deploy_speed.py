@@ -14,23 +14,32 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from fakd_deploy.artifacts import FixedSizePredictor
 from fakd_deploy.deploy.export import export_onnx, load_student
 from fakd_deploy.deploy.measure import latency_stats, measure_latency
 from fakd_deploy.deploy.ort import OrtPredictor
-from fakd_deploy.deploy.quantize import quantize_int8
-from fakd_deploy.deploy.shapes import FixedSizePredictor
-from fakd_deploy.evaluate import Predictor, TorchPredictor, evaluate
+from fakd_deploy.deploy.quantize import quantize_ort_int8
+from fakd_deploy.evaluate import Predictor, evaluate
+from fakd_deploy.models import TorchPredictor
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", nargs="?", type=Path,
-                        help="student checkpoint (default: random-weight DeepLabV3-R18, OS 8)")
-    parser.add_argument("--recipe", type=Path, help="recipe whose val split gives mIoU and "
-                        "whose training images calibrate INT8")
+    parser.add_argument(
+        "checkpoint",
+        nargs="?",
+        type=Path,
+        help="student checkpoint (default: random-weight DeepLabV3-R18, OS 8)",
+    )
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        help="recipe whose val split gives mIoU and whose training images calibrate INT8",
+    )
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--threads", type=int, default=2)
@@ -38,8 +47,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--calib", type=int, default=16, help="calibration images")
     parser.add_argument("--max-images", type=int, help="score only the first N val images")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="recipe override, e.g. --set data.val_resize=null")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="recipe override, e.g. --set data.val_resize=null",
+    )
     return parser.parse_args()
 
 
@@ -62,49 +76,67 @@ def main() -> None:
 
         recipe = load_recipe(args.recipe, args.overrides)
     model = load_model(args.checkpoint)
+    rng = np.random.default_rng(0)
     if recipe:
-        from fakd_deploy.loaders import calibration_batches
+        from fakd_deploy.loaders import calibration_images
 
-        calib = list(calibration_batches(recipe.data, args.calib))
+        calib = list(calibration_images(recipe.data, args.calib))
     else:
-        calib = [torch.randn(1, 3, *size) for _ in range(args.calib)]
+        calib = [rng.standard_normal((1, 3, *size), dtype=np.float32) for _ in range(args.calib)]
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
-        export = export_onnx(model, fp32, *size,
-                             parity_batches=[torch.randn(1, 3, *size)])
-        int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", calib, "minmax")
+        export = export_onnx(
+            model, fp32, *size, parity_batches=[rng.standard_normal((1, 3, *size), dtype=np.float32)]
+        )
+        int8 = quantize_ort_int8(fp32, Path(tmp) / "model.int8.onnx", calib, "minmax")
         predictors: dict[str, Predictor] = {
-            "pytorch eager fp32": TorchPredictor(model, "cpu"),
-            "onnxruntime fp32": OrtPredictor(fp32, ["CPUExecutionProvider"], args.threads),
-            "onnxruntime int8": OrtPredictor(int8, ["CPUExecutionProvider"], args.threads),
+            "pytorch eager fp32": TorchPredictor(model, "cpu", args.threads),
+            "onnxruntime fp32": OrtPredictor(fp32, threads=args.threads),
+            "onnxruntime int8": OrtPredictor(int8, threads=args.threads),
         }
-        images = torch.randn(1, 3, *size)
-        p50 = {name: latency_stats(measure_latency(p, images, args.warmup, args.seconds))["p50"]
-               for name, p in predictors.items()}
-        probe = torch.randn(2, 3, *size)
-        agreement = (predictors["onnxruntime int8"](probe).argmax(1)
-                     == predictors["onnxruntime fp32"](probe).argmax(1)).float().mean().item()
+        images = rng.standard_normal((1, 3, *size), dtype=np.float32)
+        p50 = {
+            name: latency_stats(measure_latency(p, images, args.warmup, args.seconds))["p50"]
+            for name, p in predictors.items()
+        }
+        probe = rng.standard_normal((2, 3, *size), dtype=np.float32)
+        agreement = float(
+            (
+                predictors["onnxruntime int8"](probe).argmax(1)
+                == predictors["onnxruntime fp32"](probe).argmax(1)
+            ).mean()
+        )
         miou = {}
         if recipe:
-            from fakd_deploy.loaders import dataset_info, val_loader
+            from fakd_deploy.loaders import ValBatches, dataset_info
 
             num_classes, _ = dataset_info(recipe.data)
             for name, predictor in predictors.items():
-                loader = val_loader(recipe.data, max_images=args.max_images)
-                miou[name] = evaluate(FixedSizePredictor(predictor, size), loader, num_classes,
-                                      recipe.data.ignore_index, description=name)["miou"]
+                data = ValBatches(recipe.data, max_images=args.max_images)
+                miou[name] = evaluate(
+                    FixedSizePredictor(predictor, size),
+                    data,
+                    num_classes,
+                    recipe.data.ignore_index,
+                    description=name,
+                    total=len(data),
+                )["miou"]
 
     source = args.checkpoint or "DeepLabV3-R18 OS8, random weights"
-    print(f"{source} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, torch "
-          f"{torch.__version__}; export parity max |Δ| {export['max_abs_diff']:.1e}")
+    print(
+        f"{source} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, torch "
+        f"{torch.__version__}; export parity max |Δ| {export['max_abs_diff']:.1e}"
+    )
     for name, value in p50.items():
         extra = f"  mIoU {miou[name]:.2f}" if name in miou else ""
         print(f"  {name:20s} p50 {value:8.1f} ms{extra}")
     eager, ort_fp32, ort_int8 = p50.values()
-    print(f"  speed-up vs eager: onnxruntime fp32 {eager / ort_fp32:.2f}x, "
-          f"onnxruntime int8 {eager / ort_int8:.2f}x; int8 vs fp32 onnxruntime "
-          f"{ort_fp32 / ort_int8:.2f}x; int8/fp32 argmax agreement {100 * agreement:.2f} %")
+    print(
+        f"  speed-up vs eager: onnxruntime fp32 {eager / ort_fp32:.2f}x, "
+        f"onnxruntime int8 {eager / ort_int8:.2f}x; int8 vs fp32 onnxruntime "
+        f"{ort_fp32 / ort_int8:.2f}x; int8/fp32 argmax agreement {100 * agreement:.2f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from fakd_deploy.models import build_model
 
 NUM_CLASSES = 19
 CONFIGS = {
-    "kd": LossTerm("kd", tau=1.0),
-    "fakd_kd_marginal": LossTerm("kd", tau=1.0, lam0=1.0, bound="marginal"),
-    "fakd_kd_pairwise": LossTerm("kd", tau=1.0, lam0=1.0, bound="pairwise"),
-    "cwd": LossTerm("cwd", tau=4.0, weight=3.0),
-    "fakd_cwd": LossTerm("cwd", tau=4.0, weight=3.0, lam0=5.0),
+    "kd": LossTerm(loss="kd", tau=1.0),
+    "fakd_kd_marginal": LossTerm(loss="kd", tau=1.0, lam0=1.0, bound="marginal"),
+    "fakd_kd_pairwise": LossTerm(loss="kd", tau=1.0, lam0=1.0, bound="pairwise"),
+    "cwd": LossTerm(loss="cwd", tau=4.0, weight=3.0),
+    "fakd_cwd": LossTerm(loss="cwd", tau=4.0, weight=3.0, lam0=5.0),
 }
 BASELINE = {"fakd_kd_marginal": "kd", "fakd_kd_pairwise": "kd", "fakd_cwd": "cwd"}
 
@@ -44,8 +44,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_step(term: LossTerm, teacher: torch.nn.Module, images: torch.Tensor,
-              labels: torch.Tensor) -> Callable[[], None]:
+def make_step(
+    term: LossTerm, teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], None]:
     """One configuration: its own student and optimiser, the shared frozen teacher."""
     torch.manual_seed(0)
     student = build_model("deeplabv3", NUM_CLASSES, "resnet18", output_stride=8)
@@ -69,8 +70,9 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def round_robin(fns: dict[str, Callable[[], object]], rounds: int,
-                warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+def round_robin(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall and CPU seconds per call of each function, calls interleaved."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for index in range(warmup + rounds):
@@ -78,13 +80,17 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int,
             elapsed = timed(fn)
             if index >= warmup:
                 times[name].append(elapsed)
-    return ({name: statistics.median(wall for wall, _ in values) for name, values in times.items()},
-            {name: statistics.median(cpu for _, cpu in values) for name, values in times.items()})
+    return (
+        {name: statistics.median(wall for wall, _ in values) for name, values in times.items()},
+        {name: statistics.median(cpu for _, cpu in values) for name, values in times.items()},
+    )
 
 
-def loss_only(term: LossTerm, distiller: Distiller, out: object, teacher_out: object,
-              labels: torch.Tensor) -> Callable[[], None]:
+def loss_only(
+    term: LossTerm, distiller: Distiller, out: object, teacher_out: object, labels: torch.Tensor
+) -> Callable[[], None]:
     """The term's forward and backward alone, plus the estimator update for FAKD terms."""
+
     def run() -> None:
         if term.lam0 > 0:
             distiller.update_estimators(out.features, labels)  # type: ignore[attr-defined]
@@ -110,8 +116,10 @@ def main() -> None:
     labels[:, : args.height // 8] = 255
     teacher = build_model("deeplabv3", NUM_CLASSES, "resnet50", output_stride=8)
     steps = {name: make_step(term, teacher, images, labels) for name, term in CONFIGS.items()}
-    print(f"{args.batch}x3x{args.height}x{args.width}, {args.threads} threads, "
-          f"{args.rounds} rounds after {args.warmup} warm-up")
+    print(
+        f"{args.batch}x3x{args.height}x{args.width}, {args.threads} threads, "
+        f"{args.rounds} rounds after {args.warmup} warm-up"
+    )
     wall, cpu = round_robin(steps, args.rounds, args.warmup)
     report("full training step, wall clock (median)", wall, 1.0, "s")
     report("full training step, process CPU time (median)", cpu, 1.0, "s")
@@ -122,11 +130,14 @@ def main() -> None:
     out.logits.requires_grad_()
     out.features.requires_grad_()
     terms = {name: (term, Distiller(student, teacher, [term], NUM_CLASSES)) for name, term in CONFIGS.items()}
-    losses = {name: loss_only(term, distiller, out, teacher_out, labels)
-              for name, (term, distiller) in terms.items()}
+    losses = {
+        name: loss_only(term, distiller, out, teacher_out, labels)
+        for name, (term, distiller) in terms.items()
+    }
     wall, _ = round_robin(losses, 20, 2)
-    report("loss term alone, forward + backward, FAKD with its estimator update (median wall)",
-           wall, 1e3, "ms")
+    report(
+        "loss term alone, forward + backward, FAKD with its estimator update (median wall)", wall, 1e3, "ms"
+    )
 
 
 if __name__ == "__main__":

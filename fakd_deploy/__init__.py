@@ -1,3 +1,3 @@
 """Distil segmentation models with FAKD and deploy them to ONNX Runtime and TensorRT."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

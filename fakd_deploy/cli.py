@@ -1,56 +1,110 @@
-"""The `fakd-deploy` command line: one command per stage, parsing only; the work is elsewhere."""
+"""The `fakd-deploy` command line: each command parses, calls one library function, prints.
+
+Failures the user can fix end with one line and the exit code of their `FakdError`
+class (2 bad input, 1 a stage failed, 3 run folder busy, 130 interrupted); anything else
+is a bug and shows its traceback. `--debug` shows tracebacks for everything. Imports of
+the training stack happen inside the commands that train, so `build`, `bench`,
+`evaluate` and `predict` on ONNX models and engines work where torch is not installed.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.text import Text
 
-from fakd_deploy.progress import console
+from fakd_deploy import __version__
+from fakd_deploy.errors import BadInput, FakdError, Interrupted
+from fakd_deploy.progress import console, setup_logging
 
-app = typer.Typer(help="Distil a segmentation teacher into a small student with FAKD, then "
-                       "export, build and benchmark it.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, rich_markup_mode="rich")
+app = typer.Typer(
+    help="Distil a segmentation teacher into a small student with FAKD, then export, build and benchmark it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+# Tables and paths go to stdout; into a file or pipe they keep a readable width.
+results = Console(width=None if sys.stdout.isatty() else 160)
+DEBUG = {"on": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o",
-                                             help="Run folder (default: runs/<recipe name>).")]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override a recipe key, typed by the schema: --set student.train.steps=100")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<recipe name>).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a recipe key, typed by the schema: --set student.train.steps=100"
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages even when up to date.")]
+ModelArg = Annotated[Path, typer.Argument(help="A checkpoint (.pt), ONNX model (.onnx) or engine (.engine).")]
+ModelRecipeOpt = Annotated[
+    Path | None, typer.Option(help="Recipe for the data (default: the one stored in the model).")
+]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Runtime for an ONNX model, e.g. ort-cpu-fp32, ort-cuda-fp32, ort-trt-fp16 (default: ONNX "
+        "Runtime on the CPU)."
+    ),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="CPU threads.")]
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+def say(message: str, style: str = "") -> None:
+    """One line on stderr, printed as plain text (no rich markup is read from it)."""
+    console.print(Text(message, style=style), soft_wrap=True)
 
 
 @contextmanager
-def errors() -> Iterator[None]:
-    """Print a failure as one readable line and exit non-zero: 2 for bad input, 1 otherwise."""
-    from fakd_deploy.train import Interrupted
-
+def reported() -> Iterator[None]:
+    """Expected failures as one line and their exit code; bugs keep their traceback."""
     try:
         yield
-    except Interrupted as error:
-        console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
-        raise typer.Exit(130) from None
-    except USER_ERRORS as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except RuntimeError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    except FakdError as error:
+        if DEBUG["on"]:
+            raise
+        say(
+            f"{'' if isinstance(error, Interrupted) else 'error: '}{error}",
+            "yellow" if isinstance(error, Interrupted) else "red",
+        )
+        raise typer.Exit(error.exit_code) from None
+    except OSError as error:
+        if DEBUG["on"] or not error.filename:
+            raise
+        say(f"error: {error.filename}: {error.strerror}", "red")
+        raise typer.Exit(BadInput.exit_code) from None
+    except KeyboardInterrupt:
+        say("interrupted", "yellow")
+        raise typer.Exit(Interrupted.exit_code) from None
 
 
-def _recipe_and_run(recipe_path: Path, out: Path | None, overrides: list[str] | None):
-    from fakd_deploy.pipeline import prepare
-    from fakd_deploy.recipe import load_recipe
+def version_callback(value: bool) -> None:
+    if value:
+        results.print(f"fakd-deploy {__version__}")
+        raise typer.Exit()
 
-    recipe = load_recipe(recipe_path, overrides or [])
-    return recipe, prepare(recipe, out or Path("runs") / recipe.name)
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    DEBUG["on"] = debug
+    setup_logging(debug)
 
 
 @app.command()
@@ -59,194 +113,264 @@ def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: Force
 
     Example: [bold]fakd-deploy run recipes/quickstart.yaml --out runs/quick[/bold]
     """
-    with errors():
-        from fakd_deploy.pipeline import run_recipe
+    with reported():
+        from fakd_deploy.deploy.report import report_table, row_errors
+        from fakd_deploy.evaluate import variant_table
+        from fakd_deploy.pipeline import run as run_pipeline
 
-        cfg, folder = _recipe_and_run(recipe, out, set_)
-        run_recipe(cfg, folder.root, force)
-        console.print(f"[green]done:[/green] {folder.root}")
+        result = run_pipeline(recipe, out, set_, force)
+        if result.evaluation:
+            results.print(variant_table(result.evaluation))
+        if result.bench:
+            results.print(report_table(result.bench))
+            for line in row_errors(result.bench):
+                say(line, "red")
+        say(f"done: {result.folder}", "green")
 
 
 RoleOpt = Annotated[str, typer.Option(help="teacher, or baseline (the student without distillation).")]
 
 
 @app.command()
-def train(recipe: RecipeArg, role: RoleOpt = "teacher", out: OutOpt = None, set_: SetOpt = None,
-          force: ForceOpt = False) -> None:
+def train(
+    recipe: RecipeArg,
+    role: RoleOpt = "teacher",
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Train the recipe's teacher or its plain baseline student (ground truth only).
 
     Example: [bold]fakd-deploy train recipes/quickstart.yaml --role teacher[/bold]
     """
-    with errors():
-        from fakd_deploy.pipeline import train_student, train_teacher
+    with reported():
+        from fakd_deploy.pipeline import train as train_role
 
-        cfg, folder = _recipe_and_run(recipe, out, set_)
-        if role == "teacher":
-            path = train_teacher(cfg, folder, force)
-        elif role == "baseline":
-            cfg.student.variants.setdefault("baseline", [])
-            if cfg.student.variants["baseline"]:
-                raise ValueError("student.variants.baseline must have no distillation terms")
-            path = train_student(cfg, folder, "baseline", cfg.student.seeds[0], None, force)
-        else:
-            raise ValueError(f"--role must be 'teacher' or 'baseline', not '{role}'")
-        console.print(f"[green]checkpoint:[/green] {path}")
+        results.print(f"checkpoint: {train_role(recipe, role, out, set_, force)}")
 
 
 @app.command()
-def distill(recipe: RecipeArg,
-            variant: Annotated[list[str] | None, typer.Option(
-                help="Variant(s) of student.variants to train (default: all with terms).")] = None,
-            teacher: Annotated[Path | None, typer.Option(
-                help="Teacher checkpoint (default: the run's teacher/best.pt).")] = None,
-            out: OutOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def distill(
+    recipe: RecipeArg,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Variant(s) of student.variants to train (default: all with terms)."),
+    ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="Teacher checkpoint (default: teacher.checkpoint, else the run's teacher/best.pt)."
+        ),
+    ] = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Train distilled students (KD, CWD, with or without FAKD) from a trained teacher.
 
     Example: [bold]fakd-deploy distill recipes/quickstart.yaml --variant fakd_kd[/bold]
     """
-    with errors():
-        from fakd_deploy.pipeline import train_student
+    with reported():
+        from fakd_deploy.pipeline import distill as distill_students
 
-        cfg, folder = _recipe_and_run(recipe, out, set_)
-        names = variant or [name for name, terms in cfg.student.variants.items() if terms]
-        unknown = [name for name in names if name not in cfg.student.variants]
-        if unknown:
-            raise ValueError(f"unknown variant(s) {unknown}; the recipe has: "
-                             f"{', '.join(cfg.student.variants)}")
-        teacher_path = teacher or Path(cfg.teacher.checkpoint or folder.teacher / "best.pt")
-        for name in names:
-            for seed in cfg.student.seeds:
-                path = train_student(cfg, folder, name, seed, teacher_path, force)
-                console.print(f"[green]checkpoint:[/green] {path}")
+        for path in distill_students(recipe, variant, teacher, out, set_, force):
+            results.print(f"checkpoint: {path}")
+
+
+@app.command()
+def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Teacher once, then every variant x seed x (lam0, bound) point of the recipe's `study`
+    section; paired statistics against the baseline and KD, last and best checkpoints,
+    held-out test scores: study.{json,csv,md,png}.
+
+    Example: [bold]fakd-deploy study recipes/camvid_study.yaml --out runs/study[/bold]
+    """
+    with reported():
+        from fakd_deploy.study import run_study, study_table
+
+        result = run_study(recipe, out, set_, force)
+        results.print(study_table(result))
+        say(f"done: {result['folder']}", "green")
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: Annotated[Path, typer.Argument(help="A checkpoint (.pt), .onnx model or .engine.")],
-    recipe: Annotated[Path | None, typer.Option(
-        help="Recipe for the data (default: the one stored in the model).")] = None,
+    model: ModelArg,
+    recipe: ModelRecipeOpt = None,
     set_: SetOpt = None,
-    max_images: Annotated[int | None, typer.Option(help="Score only the first N images.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score (default: data.val_split).")] = None,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
+    backend: BackendOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
 ) -> None:
-    """mIoU, per-class IoU and pixel accuracy of any model on the recipe's val split.
+    """mIoU, per-class IoU and pixel accuracy of any model on its recipe's val split.
 
     Example: [bold]fakd-deploy evaluate runs/quickstart/deploy/fakd_kd.int8.onnx[/bold]
     """
-    with errors():
-        from fakd_deploy.evaluate import print_evaluation
-        from fakd_deploy.pipeline import evaluate_model
+    with reported():
+        from fakd_deploy.evaluate import evaluate_file, evaluation_headline, evaluation_table
 
-        result, class_names = evaluate_model(model, recipe, set_ or [], max_images, threads)
-        print_evaluation(result, class_names)
+        result = evaluate_file(model, recipe, set_ or [], split, max_images, backend, threads, json_out)
+        results.print(evaluation_headline(result), soft_wrap=True)
+        results.print(evaluation_table(result, result.get("class_names")))
 
 
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Student checkpoint (.pt).")],
     out: Annotated[Path | None, typer.Option(help="ONNX file (default: beside the checkpoint).")] = None,
-    height: Annotated[int | None, typer.Option(help="Input height (default: the recipe's).")] = None,
-    width: Annotated[int | None, typer.Option(help="Input width (default: the recipe's).")] = None,
-    batch: Annotated[int, typer.Option(help="Batch size in the graph.")] = 1,
-    dynamic: Annotated[bool, typer.Option(help="Dynamic batch dimension.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
-    argmax: Annotated[bool, typer.Option(help="Output labels instead of logits.")] = False,
-    tolerance: Annotated[float, typer.Option(help="Max abs logit difference allowed.")] = 1e-4,
+    set_: SetOpt = None,
+    height: Annotated[int | None, typer.Option(min=1, help="Input height (deploy.export.height).")] = None,
+    width: Annotated[int | None, typer.Option(min=1, help="Input width (deploy.export.width).")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Batch size in the graph.")] = None,
+    dynamic: Annotated[bool | None, typer.Option(help="Dynamic batch dimension.")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (13-23).")] = None,
+    argmax: Annotated[bool | None, typer.Option(help="Output labels instead of logits.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Max abs logit difference allowed.")] = None,
 ) -> None:
-    """Export a student to ONNX (upsampling inside), check it, and verify parity on val images.
+    """Export a student to ONNX (upsampling inside) with its recipe's deploy.export settings,
+    check it, and verify parity on val images. Options override those settings.
 
     Example: [bold]fakd-deploy export runs/quickstart/students/fakd_kd_s0/best.pt --out s.onnx[/bold]
     """
-    with errors():
-        from fakd_deploy import loaders
-        from fakd_deploy.deploy.export import export_onnx
-        from fakd_deploy.models import load_checkpoint
-        from fakd_deploy.pipeline import export_size
-        from fakd_deploy.recipe import parse_recipe
+    with reported():
+        from fakd_deploy.deploy.export import export_checkpoint
 
-        cfg = parse_recipe(load_checkpoint(checkpoint)["recipe"])
-        default_h, default_w = export_size(cfg)
-        report = export_onnx(checkpoint, out or checkpoint.with_suffix(".onnx"),
-                             height=height or default_h, width=width or default_w, batch=batch,
-                             dynamic=dynamic, opset=opset, argmax=argmax,
-                             parity_batches=loaders.val_loader(cfg.data, max_images=8),
-                             tolerance=tolerance)
-        console.print(report)
+        options = {
+            "height": height,
+            "width": width,
+            "batch": batch,
+            "dynamic": dynamic,
+            "opset": opset,
+            "argmax": argmax,
+            "tolerance": tolerance,
+        }
+        overrides = [
+            *(set_ or []),
+            *(
+                f"deploy.export.{key}={json.dumps(value)}"
+                for key, value in options.items()
+                if value is not None
+            ),
+        ]
+        report = export_checkpoint(checkpoint, out, overrides)
+        results.print(json.dumps(report, indent=2))
 
 
 @app.command()
 def build(
     onnx: Annotated[Path, typer.Argument(help="FP32 ONNX model from `export`.")],
-    backend: Annotated[str, typer.Option(
-        help="ort-fp32 | ort-int8 | trt-fp32 | trt-fp16 | trt-int8")] = "ort-int8",
-    calib: Annotated[int, typer.Option(help="Calibration images for INT8.")] = 32,
-    calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile")] = "minmax",
-    recipe: Annotated[Path | None, typer.Option(
-        help="Recipe for calibration data (default: the one stored in the model).")] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="ort-cpu-fp32 | ort-cpu-int8 | ort-cuda-fp32 | ort-cuda-fp16 | ort-trt-fp16 | "
+            "ort-trt-int8 | "
+            "trt-fp32 | trt-fp16 | trt-int8 (ort-fp32, ort-int8: the CPU ones)"
+        ),
+    ] = "ort-cpu-int8",
+    calib: Annotated[int | None, typer.Option(min=1, help="INT8 calibration images (deploy.calib).")] = None,
+    calib_method: Annotated[
+        str | None, typer.Option(help="minmax | entropy | percentile (deploy.calib_method)")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe for calibration data (default: the one stored in the model).")
+    ] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Build an inference artifact for one backend from an exported ONNX model.
 
-    Example: [bold]fakd-deploy build runs/quickstart/deploy/fakd_kd.onnx --backend ort-int8[/bold]
+    Example: [bold]fakd-deploy build runs/quickstart/deploy/fakd_kd.onnx --backend ort-cpu-int8[/bold]
     """
-    with errors():
-        import yaml
+    with reported():
+        from fakd_deploy.deploy.build import build_file
 
-        from fakd_deploy import loaders
-        from fakd_deploy.deploy.build import build as build_artifact
-        from fakd_deploy.deploy.export import read_metadata
-        from fakd_deploy.recipe import load_recipe, parse_recipe
-
-        cfg = (load_recipe(recipe) if recipe else
-               parse_recipe(yaml.safe_load(read_metadata(onnx)["recipe"])))
-        path = build_artifact(onnx, backend, calib_batches=loaders.calibration_batches(
-            cfg.data, calib), calib_method=calib_method)
-        console.print(f"[green]built:[/green] {path}")
+        overrides = [
+            *(set_ or []),
+            *([f"deploy.calib={calib}"] if calib else []),
+            *([f"deploy.calib_method={calib_method}"] if calib_method else []),
+        ]
+        results.print(f"built: {build_file(onnx, backend, recipe, overrides)}")
 
 
 @app.command("bench")
 def bench_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `run`.")],
-    backends: Annotated[list[str] | None, typer.Option(
-        help="Only these rows: pytorch, ort-fp32, ort-int8, trt-fp32, trt-fp16, trt-int8 "
-             "(repeat the option or separate with commas).")] = None,
-    batch: Annotated[int, typer.Option(help="Batch size for throughput.")] = 1,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
-    iters: Annotated[int | None, typer.Option(help="Timed iterations (default: --seconds).")] = None,
-    seconds: Annotated[float, typer.Option(help="Seconds of timing per row.")] = 3.0,
-    warmup: Annotated[float, typer.Option(help="Seconds of warm-up before timing.")] = 1.0,
-    tolerance: Annotated[float, typer.Option(help="Allowed mIoU drop vs PyTorch FP32.")] = 1.0,
-    max_images: Annotated[int | None, typer.Option(help="Score only the first N images.")] = None,
+    paths: Annotated[list[Path], typer.Argument(help="A run folder written by `run`, or model files.")],
+    backends: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only these rows: pytorch and backend names, e.g. pytorch,ort-cpu-int8,trt-fp16 "
+            "(repeat the option or separate with commas)."
+        ),
+    ] = None,
+    recipe: ModelRecipeOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for report.{json,csv,md,png} (default: the run folder, else ./bench)."),
+    ] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Batch size for throughput.")] = None,
+    threads: ThreadsOpt = None,
+    iters: Annotated[int | None, typer.Option(min=1, help="Timed iterations (default: --seconds).")] = None,
+    seconds: Annotated[float | None, typer.Option(min=0.0, help="Seconds of timing per row.")] = None,
+    warmup: Annotated[float | None, typer.Option(min=0.0, help="Seconds of warm-up before timing.")] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(min=0.0, help="Allowed mIoU drop vs the reference.")
+    ] = None,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
 ) -> None:
     """Latency and mIoU of every model and engine of a run, in one table (+ JSON, CSV, MD, PNG).
 
     Example: [bold]fakd-deploy bench runs/quickstart --threads 2[/bold]
     """
-    with errors():
-        from fakd_deploy.deploy.bench import bench_run, split_backends
-        from fakd_deploy.deploy.report import print_report, write_report
+    with reported():
+        from fakd_deploy.deploy.bench import bench
+        from fakd_deploy.deploy.report import report_table, row_errors
 
-        result = bench_run(run_dir, backends=split_backends(backends), batch=batch,
-                           threads=threads, iters=iters, seconds=seconds, warmup_s=warmup,
-                           tolerance=tolerance, max_images=max_images)
-        write_report(result, run_dir)
-        print_report(result)
+        result, written = bench(
+            paths,
+            backends,
+            recipe,
+            set_,
+            out,
+            batch=batch,
+            threads=threads,
+            iters=iters,
+            seconds=seconds,
+            warmup_s=warmup,
+            tolerance=tolerance,
+            max_images=max_images,
+        )
+        results.print(report_table(result))
+        for line in row_errors(result):
+            say(line, "red")
+        say(f"report: {', '.join(str(p) for p in written.values())}")
 
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="A checkpoint (.pt), .onnx model or .engine.")],
+    model: ModelArg,
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     out: Annotated[Path, typer.Option(help="Folder for label PNGs and overlays.")] = Path("predictions"),
+    backend: BackendOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Label PNGs and colour overlays from any backend, to see what the engine sees.
 
     Example: [bold]fakd-deploy predict runs/quickstart/deploy/fakd_kd.int8.onnx img.png --out pred[/bold]
     """
-    with errors():
+    with reported():
         from fakd_deploy.deploy.predict import predict as run_predict
 
-        for path in run_predict(model, images, out):
-            console.print(str(path))
+        for path in run_predict(model, images, out, backend, threads=threads):
+            results.print(str(path))
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    parts = size.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise BadInput(f"--size must look like HxW, e.g. 512x1024, not '{size}'")
+    return int(parts[0]), int(parts[1])
 
 
 @app.command()
@@ -257,24 +381,24 @@ def models(
 
     Example: [bold]fakd-deploy models --size 360x480[/bold]
     """
-    with errors():
-        from fakd_deploy.models.zoo import list_models, print_models
+    with reported():
+        from fakd_deploy.models.zoo import list_models, models_table
 
-        height, width = (int(v) for v in size.lower().split("x"))
-        print_models(list_models(input_size=(height, width)), console)
+        results.print(models_table(list_models(input_size=parse_size(size))))
 
 
 @data_app.command("check")
 def data_check(
     name: Annotated[str, typer.Argument(help="camvid | cityscapes | ade20k | voc | folder | synthetic")],
-    root: Annotated[Path, typer.Argument(help="Dataset root folder.")],
-    max_images: Annotated[int | None, typer.Option(help="Scan only N images per split.")] = None,
+    root: Annotated[Path | None, typer.Argument(help="Dataset root folder (none for synthetic).")] = None,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Scan only N images per split.")] = None,
 ) -> None:
     """Counts per split, image sizes and class pixel frequencies.
 
     Example: [bold]fakd-deploy data check camvid ../shared/datasets/camvid[/bold]
     """
-    with errors():
-        from fakd_deploy.data.check import print_summary, summarize
+    with reported():
+        from fakd_deploy.data.check import summarize, summary_tables
 
-        print_summary(summarize(name, root, max_images=max_images), console)
+        for table in summary_tables(summarize(name, root, max_images=max_images)):
+            results.print(table)

@@ -1,40 +1,30 @@
-"""One evaluation path for every backend: a Predictor, a loader, a confusion matrix.
+"""One evaluation path for every backend: a Predictor, batches, a confusion matrix.
 
-A Predictor takes a normalised float32 batch (N, 3, H, W) on the CPU and returns
-either logits (N, C, h, w) at any resolution or labels (N, H, W). The PyTorch model,
-an ONNX Runtime session and a TensorRT engine all implement it, so the speed/accuracy
-table compares like with like.
+A Predictor takes a normalised float32 batch (N, 3, H, W) as a numpy array and returns
+either logits (N, C, h, w) at any resolution or labels (N, H, W). The PyTorch model, an
+ONNX Runtime session and a TensorRT engine all implement it, so the speed/accuracy table
+compares like with like. This module is numpy only: a deployed model is scored on a
+device without torch by exactly the code that scored its checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np
+from rich.table import Table
 
+from fakd_deploy.data.preprocess import resize_bilinear
+from fakd_deploy.errors import DatasetError
 from fakd_deploy.progress import progress_bar
+from fakd_deploy.recipe import EvalConfig
 
 
 class Predictor(Protocol):
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-class TorchPredictor:
-    """A segmentation model as a Predictor: logits upsampled to the input size, as exported."""
-
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images.to(self.device))
-        logits = F.interpolate(logits, images.shape[-2:], mode="bilinear", align_corners=False)
-        return logits.float().cpu()
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
 
 
 class ConfusionMatrix:
@@ -43,125 +33,173 @@ class ConfusionMatrix:
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.mat = np.zeros((num_classes, num_classes), dtype=np.int64)
 
-    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+    def update(self, target: np.ndarray, pred: np.ndarray) -> None:
         n = self.num_classes
-        target, pred = target.flatten().long(), pred.flatten().long()
+        target, pred = target.reshape(-1).astype(np.int64), pred.reshape(-1).astype(np.int64)
         valid = target != self.ignore_index
-        if bool(((target[valid] < 0) | (target[valid] >= n)).any()):
-            bad = target[valid & ((target < 0) | (target >= n))][0].item()
-            raise ValueError(f"label value {bad} is outside [0, {n}) and is not the ignore label")
-        index = n * target[valid] + pred[valid].clamp(0, n - 1)
-        self.mat += torch.bincount(index, minlength=n * n).reshape(n, n).cpu()
+        target, pred = target[valid], pred[valid]
+        outside = (target < 0) | (target >= n)
+        if outside.any():
+            raise DatasetError(
+                f"label value {target[outside][0]} is outside [0, {n}) and is not the "
+                f"ignore label {self.ignore_index}"
+            )
+        self.mat += np.bincount(n * target + np.clip(pred, 0, n - 1), minlength=n * n).reshape(n, n)
 
-    def compute(self) -> dict[str, float | list[float | None]]:
+    def compute(self) -> dict[str, Any]:
         """IoU_c = TP / (TP + FP + FN); mIoU averages the classes that occur in GT or prediction."""
-        mat = self.mat.double()
-        tp = mat.diag()
+        mat = self.mat.astype(np.float64)
+        tp = np.diag(mat)
         union = mat.sum(0) + mat.sum(1) - tp
-        iou = tp / union.clamp(min=1)
         present = union > 0
-        per_class = [100 * v if p else None
-                     for v, p in zip(iou.tolist(), present.tolist(), strict=True)]
+        iou = tp / np.maximum(union, 1)
         return {
-            "miou": float(100 * iou[present].mean()) if bool(present.any()) else float("nan"),
-            "pixel_acc": float(100 * tp.sum() / mat.sum().clamp(min=1)),
-            "per_class_iou": per_class,
+            "miou": float(100 * iou[present].mean()) if present.any() else math.nan,
+            "pixel_acc": float(100 * tp.sum() / max(mat.sum(), 1)),
+            "per_class_iou": [float(100 * v) if p else None for v, p in zip(iou, present, strict=True)],
         }
 
 
-@dataclass
-class EvalMode:
-    """How a prediction is formed; recorded with every mIoU so numbers stay comparable."""
-
-    name: str = "whole"  # whole | slide
-    flip: bool = False
-    scales: Sequence[float] = field(default_factory=lambda: (1.0,))
-    window: tuple[int, int] | None = None  # sliding window size (h, w)
-    stride: tuple[int, int] | None = None
-
-    def describe(self) -> str:
-        parts = [self.name if self.name != "slide" else f"slide{self.window}"]
-        if self.flip:
-            parts.append("flip")
-        if tuple(self.scales) != (1.0,):
-            parts.append("ms" + ",".join(f"{s:g}" for s in self.scales))
-        return "+".join(parts)
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
 
 
-def _logits(predictor: Predictor, images: torch.Tensor) -> torch.Tensor:
+def _logits(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    """Logits at the input resolution (a predictor may return them smaller)."""
     out = predictor(images)
-    if out.dim() != 4:
-        raise ValueError("this evaluation mode needs a predictor that returns logits, not labels")
-    return F.interpolate(out.float(), images.shape[-2:], mode="bilinear", align_corners=False)
+    if out.ndim != 4:
+        raise DatasetError(
+            "flip, multi-scale and sliding-window evaluation need a model that returns "
+            "logits; this one returns labels (exported with --argmax)"
+        )
+    return resize_bilinear(out, images.shape[-2:])
 
 
-def _slide(predictor: Predictor, images: torch.Tensor, window: tuple[int, int],
-           stride: tuple[int, int]) -> torch.Tensor:
+def _slide(
+    predictor: Predictor, images: np.ndarray, window: tuple[int, int], stride: tuple[int, int]
+) -> np.ndarray:
     """Average the logits of overlapping windows; the image is padded up to one window."""
     (h, w), (wh, ww), (sh, sw) = images.shape[-2:], window, stride
-    pad_h, pad_w = max(wh - h, 0), max(ww - w, 0)
-    padded = F.pad(images, (0, pad_w, 0, pad_h))
+    padded = np.pad(images, ((0, 0), (0, 0), (0, max(wh - h, 0)), (0, max(ww - w, 0))))
     ph, pw = padded.shape[-2:]
-    total = count = None
+    total: np.ndarray | None = None
+    count = np.zeros((1, 1, ph, pw), dtype=np.float32)
     for top in sorted({*range(0, ph - wh + 1, sh), ph - wh}):
         for left in sorted({*range(0, pw - ww + 1, sw), pw - ww}):
-            logits = _logits(predictor, padded[..., top:top + wh, left:left + ww])
+            logits = _logits(predictor, padded[..., top : top + wh, left : left + ww])
             if total is None:
-                total = logits.new_zeros(logits.shape[0], logits.shape[1], ph, pw)
-                count = logits.new_zeros(1, 1, ph, pw)
-            total[..., top:top + wh, left:left + ww] += logits
-            count[..., top:top + wh, left:left + ww] += 1
+                total = np.zeros((logits.shape[0], logits.shape[1], ph, pw), dtype=np.float32)
+            total[..., top : top + wh, left : left + ww] += logits
+            count[..., top : top + wh, left : left + ww] += 1
+    assert total is not None
     return (total / count)[..., :h, :w]
 
 
-def predict_labels(predictor: Predictor, images: torch.Tensor, mode: EvalMode) -> torch.Tensor:
-    """Labels at the input resolution under the given mode (softmax scores are averaged)."""
-    if mode.name == "whole" and not mode.flip and tuple(mode.scales) == (1.0,):
+def predict_labels(predictor: Predictor, images: np.ndarray, mode: EvalConfig | None = None) -> np.ndarray:
+    """Class ids (N, H, W) at the input resolution; flip and scales average softmax scores."""
+    mode = mode or EvalConfig()
+    if mode.mode == "whole" and not mode.flip and mode.scales == [1.0]:
         out = predictor(images)
-        if out.dim() == 3:
-            return out.long()
-        return _logits(predictor, images) if out.shape[-2:] != images.shape[-2:] else out
+        if out.ndim == 3:
+            return out.astype(np.int64)
+        return resize_bilinear(out, images.shape[-2:]).argmax(1)
     size = images.shape[-2:]
-    score = 0.0
+    score: np.ndarray | float = 0.0
     for scale in mode.scales:
-        scaled = images if scale == 1.0 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        scaled_size = (max(int(size[0] * scale), 1), max(int(size[1] * scale), 1))
+        scaled = resize_bilinear(images, scaled_size)
         for flip in (False, True) if mode.flip else (False,):
-            x = scaled.flip(-1) if flip else scaled
-            if mode.name == "slide":
-                if mode.window is None:
-                    raise ValueError("slide evaluation needs a window size")
-                logits = _slide(predictor, x, mode.window, mode.stride or mode.window)
+            x = scaled[..., ::-1] if flip else scaled
+            if mode.mode == "slide":
+                assert mode.window is not None  # the schema requires it
+                logits = _slide(predictor, np.ascontiguousarray(x), mode.window, mode.stride or mode.window)
             else:
-                logits = _logits(predictor, x)
-            logits = logits.flip(-1) if flip else logits
-            logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
-            score = score + logits.softmax(1)
-    return score
+                logits = _logits(predictor, np.ascontiguousarray(x))
+            logits = logits[..., ::-1] if flip else logits
+            score = score + softmax(resize_bilinear(logits, size))
+    assert isinstance(score, np.ndarray)
+    return score.argmax(1)
 
 
-def evaluate(predictor: Predictor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             num_classes: int, ignore_index: int = 255, mode: EvalMode | None = None,
-             description: str = "evaluate", total: int | None = None) -> dict:
-    """mIoU, per-class IoU and pixel accuracy of a predictor over (image, mask) batches."""
-    mode = mode or EvalMode()
+def evaluate(
+    predictor: Predictor,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+    ignore_index: int = 255,
+    mode: EvalConfig | None = None,
+    description: str = "evaluate",
+    total: int | None = None,
+) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy of a predictor over (images, masks) batches."""
+    mode = mode or EvalConfig()
     matrix = ConfusionMatrix(num_classes, ignore_index)
+    images_seen = 0
     with progress_bar() as progress:
         task = progress.add_task(description, total=total)
         for images, masks in batches:
-            out = predict_labels(predictor, images, mode)
-            if out.dim() == 4:
-                if out.shape[-2:] != masks.shape[-2:]:
-                    out = F.interpolate(out, masks.shape[-2:], mode="bilinear", align_corners=False)
-                out = out.argmax(1)
-            matrix.update(masks, out)
+            labels = predict_labels(predictor, images, mode)
+            if labels.shape[-2:] != masks.shape[-2:]:
+                raise DatasetError(
+                    f"predictions of size {labels.shape[-2:]} do not match masks of size {masks.shape[-2:]}"
+                )
+            matrix.update(masks, labels)
+            images_seen += len(images)
             progress.advance(task)
-    return {**matrix.compute(), "mode": mode.describe(), "num_classes": num_classes}
+    if images_seen == 0:
+        raise DatasetError("nothing to evaluate: the split (or --max-images) gives no images")
+    return {**matrix.compute(), "mode": mode.describe(), "num_classes": num_classes, "images": images_seen}
 
 
-def summarize_variants(rows: Sequence[dict]) -> list[dict]:
+def evaluate_file(
+    model: Path,
+    recipe: Path | None = None,
+    overrides: Sequence[str] = (),
+    split: str | None = None,
+    max_images: int | None = None,
+    backend: str | None = None,
+    threads: int | None = None,
+    json_out: Path | None = None,
+) -> dict[str, Any]:
+    """Score any model file on a split of its recipe's dataset (or `recipe`'s), `--set` applied.
+
+    The result names the dataset, its root and the split that were scored, so an override
+    that changed them is visible in the answer.
+    """
+    from fakd_deploy.artifacts import kind_of, open_predictor, resolve_recipe
+    from fakd_deploy.loaders import ValBatches, dataset_info
+    from fakd_deploy.utils import save_json
+
+    cfg = resolve_recipe(model, recipe, overrides)
+    predictor, _ = open_predictor(model, backend, cfg.device, threads)
+    data = ValBatches(cfg.data, split, max_images=max_images)
+    num_classes, class_names = dataset_info(cfg.data)
+    mode = cfg.eval if kind_of(model) == "checkpoint" else EvalConfig()
+    result = evaluate(
+        predictor,
+        data,
+        num_classes,
+        cfg.data.ignore_index,
+        mode,
+        description=f"evaluate {model.name}",
+        total=len(data),
+    )
+    result = {
+        "model": str(model),
+        "dataset": cfg.data.name,
+        "root": cfg.data.root,
+        "split": data.split,
+        **result,
+        "class_names": class_names,
+    }
+    if json_out is not None:
+        save_json(result, json_out)
+    return result
+
+
+def summarize_variants(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """mIoU mean, sample standard deviation, min and max over the seeds of each variant.
 
     A KD gain means something only against the spread of equally trained baselines.
@@ -171,40 +209,52 @@ def summarize_variants(rows: Sequence[dict]) -> list[dict]:
         groups.setdefault(row["variant"], []).append(row["miou"])
     summary = []
     for variant, values in groups.items():
-        scores = torch.tensor(values, dtype=torch.float64)
-        std = float(scores.std()) if len(values) > 1 else None
-        summary.append({"variant": variant, "seeds": len(values), "mean": float(scores.mean()),
-                        "std": std, "min": min(values), "max": max(values)})
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        summary.append(
+            {
+                "variant": variant,
+                "seeds": len(values),
+                "mean": float(np.mean(values)),
+                "std": std,
+                "min": min(values),
+                "max": max(values),
+            }
+        )
     return summary
 
 
-def print_variant_summary(rows: Sequence[dict]) -> None:
-    from rich.table import Table
-
-    from fakd_deploy.progress import console
-
+def variant_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """Mean, spread and range of val mIoU per variant over its seeds."""
     table = Table(title=f"val mIoU by variant ({rows[0]['mode'] if rows else ''})")
     for name in ("variant", "seeds", "mean", "std", "min", "max"):
         table.add_column(name, justify="left" if name == "variant" else "right")
     for item in summarize_variants(rows):
-        table.add_row(item["variant"], str(item["seeds"]), f"{item['mean']:.2f}",
-                      "-" if item["std"] is None else f"{item['std']:.2f}",
-                      f"{item['min']:.2f}", f"{item['max']:.2f}")
-    console.print(table)
+        table.add_row(
+            item["variant"],
+            str(item["seeds"]),
+            f"{item['mean']:.2f}",
+            "-" if item["std"] is None else f"{item['std']:.2f}",
+            f"{item['min']:.2f}",
+            f"{item['max']:.2f}",
+        )
+    return table
 
 
-def print_evaluation(result: dict, class_names: Sequence[str] | None = None) -> None:
-    """A rich table of per-class IoU under the headline numbers."""
-    from rich.table import Table
+def evaluation_headline(result: dict[str, Any]) -> str:
+    """The numbers a person looks for first, and what was scored."""
+    where = f"{result.get('dataset', '')} {result.get('split', '')}".strip()
+    return (
+        f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  mode {result['mode']}  "
+        f"({result['images']} images{', ' + where if where else ''})"
+    )
 
-    from fakd_deploy.progress import console
 
-    console.print(f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  "
-                  f"mode {result['mode']}", soft_wrap=True)
+def evaluation_table(result: dict[str, Any], class_names: Sequence[str] | None = None) -> Table:
+    """Per-class IoU."""
     table = Table()
     table.add_column("class")
     table.add_column("IoU", justify="right")
     names = class_names or [str(i) for i in range(len(result["per_class_iou"]))]
     for name, iou in zip(names, result["per_class_iou"], strict=True):
         table.add_row(name, "-" if iou is None else f"{iou:.2f}")
-    console.print(table)
+    return table

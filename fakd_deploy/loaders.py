@@ -1,44 +1,82 @@
-"""Datasets and loaders as a recipe describes them, shared by training, export and bench."""
+"""Datasets as a recipe's `data` section describes them, shared by every stage.
+
+Everything here but `train_dataset` is numpy only: evaluation, calibration and the
+benchmark read data the same way with or without torch installed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+import numpy as np
 
-from fakd_deploy.data import build_dataset, build_transforms
+from fakd_deploy.data import build_dataset
+from fakd_deploy.data.preprocess import Batch, Normalise, ValTransform, batches, count_batches
 from fakd_deploy.recipe import DataConfig
 
 
-def dataset(cfg: DataConfig, split: str, train: bool) -> Dataset:
-    """The split with the recipe's training augmentation (`train=True`) or its val transform."""
-    transform = build_transforms(
-        train=train, crop=cfg.crop, scale=cfg.scale, mean=cfg.mean, std=cfg.std,
-        pixel_scale=cfg.pixel_scale, resize=None if train else cfg.val_resize,
-        hflip=cfg.hflip, jitter=cfg.jitter, ignore_index=cfg.ignore_index)
-    return build_dataset(cfg.name, cfg.root, split, transform=transform, **cfg.options)
+def normaliser(cfg: DataConfig) -> Normalise:
+    return Normalise(tuple(cfg.mean), tuple(cfg.std), cfg.pixel_scale)
+
+
+def val_dataset(cfg: DataConfig, split: str | None = None) -> Any:
+    """A split (the val split by default) through the val transform: arrays, no augmentation."""
+    return build_dataset(
+        cfg.name,
+        cfg.root,
+        split or cfg.val_split,
+        transform=ValTransform(normaliser(cfg), cfg.val_resize),
+        ignore_index=cfg.ignore_index,
+        **cfg.options,
+    )
+
+
+def train_dataset(cfg: DataConfig) -> Any:
+    """The training split with the recipe's augmentation, as tensors (needs torch)."""
+    from fakd_deploy.data.transforms import TrainTransform
+
+    transform = TrainTransform(
+        cfg.crop, cfg.scale, cfg.hflip, cfg.jitter, cfg.mean, cfg.std, cfg.pixel_scale, cfg.ignore_index
+    )
+    return build_dataset(
+        cfg.name, cfg.root, cfg.train_split, transform=transform, ignore_index=cfg.ignore_index, **cfg.options
+    )
 
 
 def dataset_info(cfg: DataConfig) -> tuple[int, list[str]]:
     """Number of classes and their names, read from the validation split."""
-    ds = build_dataset(cfg.name, cfg.root, cfg.val_split, **cfg.options)
+    ds = build_dataset(cfg.name, cfg.root, cfg.val_split, ignore_index=cfg.ignore_index, **cfg.options)
     return ds.num_classes, list(ds.class_names)
 
 
-def val_loader(cfg: DataConfig, batch_size: int | None = None,
-               max_images: int | None = None) -> DataLoader:
-    ds = dataset(cfg, cfg.val_split, train=False)
-    if max_images is not None and max_images < len(ds):
-        ds = Subset(ds, range(max_images))
-    return DataLoader(ds, batch_size=batch_size or cfg.val_batch_size, shuffle=False,
-                      num_workers=cfg.workers)
+class ValBatches:
+    """Re-iterable (images, masks) batches of one split, with its length for progress bars."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str | None = None,
+        batch_size: int | None = None,
+        max_images: int | None = None,
+    ) -> None:
+        self.dataset = val_dataset(cfg, split)
+        self.split = split or cfg.val_split
+        self.batch_size = batch_size or cfg.val_batch_size
+        self.max_images = max_images
+        self.images = len(self.dataset) if max_images is None else min(max_images, len(self.dataset))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return batches(self.dataset, self.batch_size, self.max_images)
+
+    def __len__(self) -> int:
+        return count_batches(self.dataset, self.batch_size, self.max_images)
 
 
-def calibration_batches(cfg: DataConfig, count: int) -> Iterator[torch.Tensor]:
-    """Training images through the val transform, one at a time, for INT8 calibration."""
-    ds = dataset(cfg, cfg.train_split, train=False)
+def calibration_images(cfg: DataConfig, count: int) -> Iterator[np.ndarray]:
+    """`count` training images spread over the split, through the val transform: (1, 3, H, W)."""
+    ds = val_dataset(cfg, cfg.train_split)
     step = max(len(ds) // count, 1)
     for index in list(range(0, len(ds), step))[:count]:
         image, _ = ds[index]
-        yield image.unsqueeze(0)
+        yield image[None]

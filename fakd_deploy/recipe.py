@@ -7,6 +7,8 @@ out-of-range values are `RecipeError`s that name the dotted key and what it allo
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +26,35 @@ from pydantic import (
     model_validator,
 )
 
+from fakd_deploy.errors import RecipeError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Backend = Literal["ort-fp32", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8"]
+
+# The names a recipe may use. Each registry (`data.DATASETS`, `models.HEADS`,
+# `distill.distiller.LOSSES`, `deploy.backends.BACKENDS`) holds exactly these keys; the
+# tests check that they agree, so the schema stays a leaf that imports none of them.
+DatasetName = Literal["synthetic", "camvid", "cityscapes", "ade20k", "voc", "folder"]
+HeadName = Literal["deeplabv3", "deeplabv3plus", "pspnet", "fcn", "lraspp"]
+LossName = Literal["kd", "cwd", "cwd_feat", "mse_feat"]
+BoundName = Literal["marginal", "centred", "pairwise"]
+BackendName = Literal[
+    "ort-cpu-fp32",
+    "ort-cpu-int8",
+    "ort-cuda-fp32",
+    "ort-cuda-fp16",
+    "ort-trt-fp16",
+    "ort-trt-int8",
+    "trt-fp32",
+    "trt-fp16",
+    "trt-int8",
+    "ort-fp32",
+    "ort-int8",  # aliases of ort-cpu-fp32 and ort-cpu-int8
+]
 
 
-class RecipeError(ValueError):
-    """A recipe or override that does not fit the schema; the message names the key."""
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class Section(BaseModel):
@@ -40,11 +64,12 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Dataset, augmentation and loader settings shared by every model of the recipe."""
 
-    name: str = "synthetic"
+    name: DatasetName = "synthetic"
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     train_split: str = "train"
     val_split: str = "val"
+    test_split: str | None = None
     crop: tuple[PositiveInt, PositiveInt] | None = (64, 64)
     scale: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
     hflip: bool = True
@@ -53,35 +78,27 @@ class DataConfig(Section):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     pixel_scale: PositiveFloat = 255.0
-    ignore_index: int = 255
+    ignore_index: int = Field(255, ge=0, le=255)
     batch_size: PositiveInt = 8
     val_batch_size: PositiveInt = 8
-    workers: NonNegativeInt = 0
+    workers: NonNegativeInt | Literal["auto"] = "auto"
 
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        from fakd_deploy.data import DATASETS
-
-        return _one_of(name, DATASETS)
+    @model_validator(mode="after")
+    def _ordered_scale(self) -> DataConfig:
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"data.scale must be (low, high), got {list(self.scale)}")
+        return self
 
 
 class ModelConfig(Section):
     """Arguments of `fakd_deploy.models.build_model`."""
 
-    name: str = "deeplabv3"
+    name: HeadName = "deeplabv3"
     encoder: str = "resnet18"
     output_stride: Literal[8, 16, 32] = 8
     aux: bool = False
     pretrained: str | None = None
     channels: PositiveInt | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _known_head(cls, name: str) -> str:
-        from fakd_deploy.models import HEADS
-
-        return _one_of(name, HEADS)
 
     def build_kwargs(self) -> dict[str, Any]:
         kwargs = self.model_dump(exclude={"channels"})
@@ -106,24 +123,43 @@ class TrainConfig(Section):
     sync_bn: bool = True
     eval_every: PositiveInt = 500
     checkpoint_every: PositiveInt = 200
+    log_every: PositiveInt = 20
 
 
 class LossTerm(Section):
-    """One distillation term; `lam0 > 0` adds FAKD's feature augmentation to it."""
+    """One distillation term of a student variant; `lam0 > 0` adds FAKD's feature augmentation.
 
-    loss: str
+    `bound` (KD only) picks FAKD's closed form; `tau` does not apply to `mse_feat`. Setting a
+    field that the term would ignore to anything but its default is an error, so no value
+    is accepted and then unused.
+    """
+
+    loss: LossName
     weight: NonNegativeFloat = 1.0
     tau: PositiveFloat = 1.0
     lam0: NonNegativeFloat = 0.0
-    bound: Literal["pairwise", "marginal"] = "marginal"
+    bound: BoundName = "marginal"
     diagonal: bool = True
 
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, loss: str) -> str:
-        from fakd_deploy.distill.distiller import LOSSES
+    @model_validator(mode="after")
+    def _no_ignored_fields(self) -> LossTerm:
+        """A value other than the default in a field this term does not use is refused.
 
-        return _one_of(loss, LOSSES)
+        (Defaults are fine: a resolved recipe spells every field out.)
+        """
+        changed = {
+            name
+            for name in ("bound", "tau", "diagonal")
+            if getattr(self, name) != type(self).model_fields[name].default
+        }
+        if "bound" in changed and self.loss != "kd":
+            raise ValueError(f"'bound' applies to kd terms only; a {self.loss} term has one form")
+        if "tau" in changed and self.loss == "mse_feat":
+            raise ValueError("'tau' does not apply to mse_feat (a squared error has no temperature)")
+        unused = sorted(changed & {"bound", "diagonal"})
+        if unused and self.lam0 == 0:
+            raise ValueError(f"{', '.join(unused)} only matter with FAKD (lam0 > 0); this term has lam0 = 0")
+        return self
 
 
 class ImportConfig(Section):
@@ -136,11 +172,19 @@ class ImportConfig(Section):
 
 
 class TeacherConfig(Section):
+    """A teacher trained here (`model` + `train`), or adopted: `checkpoint` or `weights`."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: str | None = None
     weights: str | None = None
     weights_import: ImportConfig = Field(default_factory=ImportConfig)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if self.checkpoint and self.weights:
+            raise ValueError("give teacher.checkpoint or teacher.weights, not both")
+        return self
 
 
 class StudentConfig(Section):
@@ -151,13 +195,52 @@ class StudentConfig(Section):
     variants: dict[str, list[LossTerm]] = Field(default_factory=lambda: {"baseline": []})
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
+    @field_validator("variants")
+    @classmethod
+    def _plain_names(cls, variants: dict[str, list[LossTerm]]) -> dict[str, list[LossTerm]]:
+        """Variant names become folder names: letters, digits and `_ . + -`, nothing else."""
+        if not variants:
+            raise ValueError("needs at least one variant, e.g. {baseline: []}")
+        for name in variants:
+            if not VARIANT_NAME.match(name) or ".." in name:
+                raise ValueError(
+                    f"variant name {name!r} must be 1-64 letters, digits, '_', '.', "
+                    "'+' or '-', starting with a letter or digit (it names a folder)"
+                )
+        return variants
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
 
 class EvalConfig(Section):
+    """How a prediction is formed; recorded with every mIoU so numbers stay comparable."""
+
     mode: Literal["whole", "slide"] = "whole"
     flip: bool = False
     scales: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)
     window: tuple[PositiveInt, PositiveInt] | None = None
     stride: tuple[PositiveInt, PositiveInt] | None = None
+
+    @model_validator(mode="after")
+    def _window_for_slide(self) -> EvalConfig:
+        if self.mode == "slide" and self.window is None:
+            raise ValueError("eval.mode 'slide' needs eval.window (h, w)")
+        if self.mode == "whole" and (self.window or self.stride):
+            raise ValueError("eval.window and eval.stride apply to mode 'slide' only")
+        return self
+
+    def describe(self) -> str:
+        parts = [self.mode if self.mode != "slide" else f"slide{list(self.window or ())}"]
+        if self.flip:
+            parts.append("flip")
+        if self.scales != [1.0]:
+            parts.append("ms" + ",".join(f"{s:g}" for s in self.scales))
+        return "+".join(parts)
 
 
 class ExportConfig(Section):
@@ -170,10 +253,16 @@ class ExportConfig(Section):
     argmax: bool = False
     tolerance: PositiveFloat = 1e-4
 
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> ExportConfig:
+        if (self.height is None) != (self.width is None):
+            raise ValueError("give deploy.export.height and width together, or neither")
+        return self
+
 
 class DeployConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
-    backends: list[Backend] = Field(default_factory=lambda: ["ort-fp32", "ort-int8"])
+    backends: list[BackendName] = Field(default_factory=lambda: ["ort-cpu-fp32", "ort-cpu-int8"])
     calib: PositiveInt = 32
     calib_method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
@@ -188,16 +277,49 @@ class BenchConfig(Section):
     max_images: PositiveInt | None = None
 
 
+class StudyConfig(Section):
+    """A sweep for `fakd-deploy study`: every FAKD variant at every (lam0, bound) point.
+
+    Each point is a variant of its own, named `<variant>-lam<lam0>-<bound>`, trained for
+    every seed; `baseline` and `kd` name the variants the paired differences are taken
+    against (same seed).
+    """
+
+    variants: list[str] | None = None
+    lam0: list[PositiveFloat] = Field(default_factory=list)
+    bounds: list[BoundName] = Field(default_factory=list)
+    baseline: str = "baseline"
+    kd: str | None = "kd"
+
+
 class Recipe(Section):
     name: str
     seed: int = 0
     device: str = "auto"
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig
     teacher: TeacherConfig | None = None
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    student: StudentConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE_NAME.match(device):
+            raise ValueError(f"'{device}' is not a device: use auto, cpu, cuda, cuda:N or mps")
+        return device
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not VARIANT_NAME.match(name) or ".." in name:
+            raise ValueError(
+                f"recipe name {name!r} must be letters, digits, '_', '.', '+' or '-' "
+                "(it names the default run folder)"
+            )
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -206,8 +328,10 @@ class Recipe(Section):
             raise ValueError("student variants with distillation terms need a 'teacher' section")
         variant = self.deploy.export.variant
         if variant is not None and variant not in self.student.variants:
-            raise ValueError(f"deploy.export.variant '{variant}' is not one of the student "
-                             f"variants: {', '.join(self.student.variants)}")
+            raise ValueError(
+                f"deploy.export.variant '{variant}' is not one of the student "
+                f"variants: {', '.join(self.student.variants)}"
+            )
         return self
 
     def export_variant(self) -> str:
@@ -215,12 +339,6 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _one_of(value: str, registry: dict[str, Any]) -> str:
-    if value not in registry:
-        raise ValueError(f"'{value}' is not one of: {', '.join(sorted(registry))}")
-    return value
 
 
 def _check_path(key: str, model: type[BaseModel] | None = Recipe) -> None:
@@ -232,8 +350,9 @@ def _check_path(key: str, model: type[BaseModel] | None = Recipe) -> None:
         if part not in model.model_fields:
             where = ".".join(parts[:depth]) or "the top level"
             allowed = ", ".join(model.model_fields)
-            raise RecipeError(f"unknown recipe key '{key}': '{part}' is not allowed at {where} "
-                              f"(allowed: {allowed})")
+            raise RecipeError(
+                f"unknown recipe key '{key}': '{part}' is not allowed at {where} (allowed: {allowed})"
+            )
         model = _section_type(model.model_fields[part].annotation)
 
 
@@ -273,7 +392,8 @@ def _format(error: ValidationError) -> str:
 
 
 def parse_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    raw = dict(raw)
+    """Validate a raw recipe dict (never modified) after applying `key.path=value` overrides."""
+    raw = copy.deepcopy(raw)
     for assignment in overrides:
         apply_override(raw, assignment)
     try:
@@ -287,9 +407,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"cannot read recipe {path}: {error}") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    if raw is None:
+        raise RecipeError(f"{path} is empty: a recipe needs at least 'data' and 'student' sections")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must hold a mapping of recipe keys")
     raw.setdefault("name", path.stem)

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real data lives, and small recipes that run in seconds."""
+"""Shared fixtures: where the real data lives, the tiny recipe, and small artifacts made once."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "datasets" / "camvid"
+TINY = Path(__file__).resolve().parent / "recipes" / "tiny.yaml"
 
 torch.set_num_threads(2)
 
@@ -23,6 +24,12 @@ def camvid() -> Path:
     return CAMVID
 
 
+@pytest.fixture
+def tiny_recipe() -> Path:
+    """tests/recipes/tiny.yaml: every stage on 32x32 synthetic images in seconds."""
+    return TINY
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -33,3 +40,34 @@ def _free_port() -> int:
 def free_port() -> Callable[[], int]:
     """A function returning a free local TCP port, for `torchrun --master_port`."""
     return _free_port
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An untrained tiny-recipe student as a checkpoint, its ONNX export and ORT INT8 model.
+
+    Weights are random: enough for everything that checks files, shapes and errors.
+    """
+    from fakd_deploy.deploy.backends import build
+    from fakd_deploy.deploy.export import export_onnx
+    from fakd_deploy.loaders import calibration_images, dataset_info
+    from fakd_deploy.models import Checkpoint, build_model
+    from fakd_deploy.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("artifacts")
+    recipe = load_recipe(TINY)
+    num_classes, names = dataset_info(recipe.data)
+    torch.manual_seed(0)
+    model = build_model(num_classes=num_classes, **recipe.student.model.build_kwargs())
+    checkpoint = Checkpoint(
+        model=model.state_dict(),
+        arch=model.config,
+        recipe=recipe.model_dump(mode="json"),
+        class_names=names,
+        variant="fakd_kd",
+        seed=0,
+    ).save(folder / "best.pt")
+    onnx = folder / "student.onnx"
+    export_onnx(checkpoint, onnx, 32, 32)
+    int8 = build(onnx, "ort-cpu-int8", calib_images=calibration_images(recipe.data, 4))
+    return {"checkpoint": checkpoint, "onnx": onnx, "int8": int8, "folder": folder}

@@ -33,14 +33,22 @@ def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    estimators = {"diagonal": fakd.ClassCovariance(CLASSES, FEAT_DIM, diagonal=True),
-                  "full": fakd.ClassCovariance(CLASSES, FEAT_DIM, diagonal=False)}
+    estimators = {
+        "diagonal": fakd.ClassCovariance(CLASSES, FEAT_DIM, diagonal=True),
+        "full": fakd.ClassCovariance(CLASSES, FEAT_DIM, diagonal=False),
+    }
     batches = rank_batches(rank)
     for features, labels in batches:
         for est in estimators.values():
             est.update(features, labels, IGNORE)
-    torch.save({"batches": batches, "seen": [tuple(f.shape) for f, _ in batches],
-                **{kind: est.state_dict() for kind, est in estimators.items()}}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "batches": batches,
+            "seen": [tuple(f.shape) for f, _ in batches],
+            **{kind: est.state_dict() for kind, est in estimators.items()},
+        },
+        out / f"rank{rank}.pt",
+    )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from fakd_deploy.models import (
+    Checkpoint,
     CheckpointError,
     Segmenter,
     build_model,
     import_state_dict,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
+    load_model,
 )
 
 
@@ -31,13 +30,25 @@ def model() -> Segmenter:
 
 @pytest.fixture
 def saved(tmp_path: Path, model: Segmenter) -> Path:
-    return save_checkpoint(tmp_path / "run" / "student.pt",
-                           {"model": model.state_dict(), "arch": model.config, "step": 7})
+    return Checkpoint(
+        model=model.state_dict(),
+        arch=model.config,
+        step=7,
+        variant="kd",
+        seed=3,
+        metrics={"miou": 12.5, "per_class_iou": [None, 1.0]},
+    ).save(tmp_path / "run" / "student.pt")
 
 
 def test_round_trip_gives_identical_outputs(saved: Path, model: Segmenter) -> None:
-    assert load_checkpoint(saved)["step"] == 7
-    restored = model_from_checkpoint(saved)
+    loaded = Checkpoint.load(saved)
+    assert (loaded.step, loaded.variant, loaded.seed, loaded.metrics["per_class_iou"]) == (
+        7,
+        "kd",
+        3,
+        [None, 1.0],
+    )
+    restored = load_model(saved)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(restored(x), model.eval()(x))
@@ -52,26 +63,74 @@ def test_save_leaves_no_temporary_files(saved: Path) -> None:
 def test_truncated_file_names_the_file(saved: Path) -> None:
     saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"student\.pt is not a readable checkpoint \(truncated"):
-        load_checkpoint(saved)
+        Checkpoint.load(saved)
 
 
-def test_missing_file(tmp_path: Path) -> None:
+def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"nothing\.pt does not exist"):
-        load_checkpoint(tmp_path / "nothing.pt")
+        Checkpoint.load(tmp_path / "nothing.pt")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder\.pt is a directory"):
+        Checkpoint.load(tmp_path / "folder.pt")
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("reader", ["checkpoint", "import"])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(
+    tmp_path: Path, model: Segmenter, reader: str
+) -> None:
+    marker, path = tmp_path / "ran", tmp_path / "crafted.pt"
+    torch.save({"model": model.state_dict(), "arch": model.config, "x": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"crafted\.pt holds Python objects .*posix\.system.*refusing"):
+        if reader == "checkpoint":
+            Checkpoint.load(path)
+        else:
+            import_state_dict(build_model(**model.config), path)
+    assert not marker.exists()
 
 
 def test_missing_keys_are_named(tmp_path: Path, model: Segmenter) -> None:
-    path = save_checkpoint(tmp_path / "weights.pt", {"model": model.state_dict()})
-    with pytest.raises(CheckpointError, match=r"weights\.pt is not a fakd-deploy checkpoint: "
-                                              r"it lacks \['arch'\]"):
-        load_checkpoint(path)
+    path = tmp_path / "weights.pt"
+    torch.save({"model": model.state_dict()}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"weights\.pt is not a fakd-deploy checkpoint: "
+        r"it lacks \['arch'\]",
+    ):
+        Checkpoint.load(path)
 
 
 def test_weights_that_do_not_fit_the_arch(tmp_path: Path, model: Segmenter) -> None:
     arch = {**model.config, "channels": 8}
-    path = save_checkpoint(tmp_path / "odd.pt", {"model": model.state_dict(), "arch": arch})
+    path = Checkpoint(model=model.state_dict(), arch=arch).save(tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match=r"odd\.pt do not fit"):
-        model_from_checkpoint(path)
+        load_model(path)
+
+
+def test_saved_files_follow_the_umask(tmp_path: Path, model: Segmenter) -> None:
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        from fakd_deploy.utils import file_mode
+
+        file_mode.cache_clear()
+        path = Checkpoint(model=model.state_dict(), arch=model.config).save(tmp_path / "m.pt")
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+        file_mode.cache_clear()
 
 
 def test_import_strips_prefix_and_unwraps(tmp_path: Path, model: Segmenter) -> None:
@@ -94,19 +153,24 @@ def test_import_renames_by_regex(model: Segmenter) -> None:
             key = re.sub(pattern, replacement, key)
         state[key] = value
     fresh = build_model(**model.config)
-    import_state_dict(fresh, state, rename={r"^backbone\.": "encoder.body.",
-                                            r"^decode_head\.conv_seg\.": "classifier."})
+    import_state_dict(
+        fresh, state, rename={r"^backbone\.": "encoder.body.", r"^decode_head\.conv_seg\.": "classifier."}
+    )
     assert torch.equal(fresh.classifier.weight, model.classifier.weight)
-    assert torch.equal(fresh.encoder.body.state_dict()["conv1.0.weight"],
-                       model.encoder.body.state_dict()["conv1.0.weight"])
+    assert torch.equal(
+        fresh.encoder.body.state_dict()["conv1.0.weight"], model.encoder.body.state_dict()["conv1.0.weight"]
+    )
 
 
 def test_import_lists_missing_and_unexpected_keys(model: Segmenter) -> None:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("aux_classifier.")}
     state["decode_head.extra.weight"] = torch.zeros(1)
     fresh = build_model(**model.config)
-    with pytest.raises(CheckpointError, match=r"missing keys: aux_classifier\.0\.0\.weight.*"
-                                              r"1 unexpected keys: decode_head\.extra\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing keys: aux_classifier\.0\.0\.weight.*"
+        r"1 unexpected keys: decode_head\.extra\.weight",
+    ):
         import_state_dict(fresh, state)
     report = import_state_dict(fresh, state, allow_missing=True, allow_unexpected=True)
     assert "aux_classifier.2.bias" in report["missing"]

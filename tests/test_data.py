@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from fakd_deploy.data import DATASETS, DatasetError, build_dataset, build_transforms
-from fakd_deploy.data.check import print_summary, summarize
+from fakd_deploy.data import DATASETS, DatasetError, MissingSplit, build_dataset
+from fakd_deploy.data.check import summarize, summary_tables
+from fakd_deploy.data.preprocess import Normalise, ValTransform
+from fakd_deploy.data.transforms import TrainTransform
 
 
 def write_image(path: Path, height: int = 4, width: int = 6) -> None:
@@ -50,11 +52,25 @@ def test_camvid_splits_shapes_and_void(camvid: Path) -> None:
     np.testing.assert_array_equal(mask == 255, raw == 11)
 
 
-def test_camvid_with_transform(camvid: Path) -> None:
-    ds = build_dataset("camvid", camvid, "val", transform=build_transforms(False, None, resize=(96, 128)))
+def test_camvid_with_transforms(camvid: Path) -> None:
+    normalise = Normalise((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    ds = build_dataset("camvid", camvid, "val", transform=ValTransform(normalise, (96, 128)))
     image, mask = ds[0]
-    assert image.dtype == torch.float32 and image.shape == (3, 96, 128)
-    assert mask.dtype == torch.int64 and mask.shape == (96, 128)
+    assert image.dtype == np.float32 and image.shape == (3, 96, 128)
+    assert mask.dtype == np.int64 and mask.shape == (96, 128)
+    train = TrainTransform((64, 64), (0.5, 1.0), True, 0.2, normalise.mean, normalise.std, 255.0, 255)
+    image_t, mask_t = build_dataset("camvid", camvid, "train", transform=train)[0]
+    assert image_t.dtype == torch.float32 and image_t.shape == (3, 64, 64)
+    assert mask_t.dtype == torch.int64 and mask_t.shape == (64, 64)
+
+
+def test_ignore_index_moves_unlabelled_pixels(camvid: Path) -> None:
+    raw = build_dataset("camvid", camvid, "val")[0][1]
+    moved = build_dataset("camvid", camvid, "val", ignore_index=250)[0][1]
+    np.testing.assert_array_equal(moved == 250, raw == 255)
+    assert not (moved == 255).any()
+    with pytest.raises(DatasetError, match="ignore_index 3 is a class id"):
+        build_dataset("camvid", camvid, "val", ignore_index=3)
 
 
 def test_cityscapes_maps_label_ids_and_prefers_train_ids(tmp_path: Path) -> None:
@@ -119,15 +135,31 @@ def test_folder_pairs_by_stem_with_and_without_splits(tmp_path: Path) -> None:
     assert image.shape == (4, 6, 3) and mask[:, 0].tolist() == [0, 2, 255, 1]
     make_folder(tmp_path / "split", "val")
     assert len(build_dataset("folder", tmp_path / "split", "val")) == 1
-    with pytest.raises(FileNotFoundError, match="train"):
+    with pytest.raises(MissingSplit, match="train"):
         build_dataset("folder", tmp_path / "split", "train")
 
 
 def test_folder_image_without_mask_names_it(tmp_path: Path) -> None:
     make_folder(tmp_path)
     write_image(tmp_path / "images/lonely.png")
-    with pytest.raises(FileNotFoundError, match="lonely"):
+    with pytest.raises(DatasetError, match="lonely"):
         build_dataset("folder", tmp_path, "train")
+
+
+def test_data_check_reports_the_real_error_of_a_split(tmp_path: Path) -> None:
+    """A missing mask is the error, not 'no split found'."""
+    make_folder(tmp_path)
+    write_image(tmp_path / "images/img3.png")
+    with pytest.raises(DatasetError, match=r"img3\.png has no mask"):
+        summarize("folder", tmp_path)
+
+
+def test_truncated_image_names_the_file(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    image = tmp_path / "images/x1.jpg"
+    image.write_bytes(image.read_bytes()[:40])
+    with pytest.raises(DatasetError, match=r"x1\.jpg is not a readable image"):
+        build_dataset("folder", tmp_path, "train")[0]
 
 
 def test_out_of_range_label_names_file_and_value(tmp_path: Path) -> None:
@@ -136,37 +168,40 @@ def test_out_of_range_label_names_file_and_value(tmp_path: Path) -> None:
     ds = build_dataset("folder", tmp_path, "train")
     with pytest.raises(DatasetError, match=r"x1\.png.* 7 ") as error:
         ds[0]
-    assert isinstance(error.value, ValueError)
+    assert error.value.exit_code == 2
 
 
 def test_colour_label_is_refused(tmp_path: Path) -> None:
     make_folder(tmp_path)
-    Image.fromarray(np.dstack([np.zeros((4, 6)), np.ones((4, 6)), np.zeros((4, 6))]).astype(np.uint8)
-                    ).save(tmp_path / "masks/x1.png")
+    Image.fromarray(np.dstack([np.zeros((4, 6)), np.ones((4, 6)), np.zeros((4, 6))]).astype(np.uint8)).save(
+        tmp_path / "masks/x1.png"
+    )
     with pytest.raises(DatasetError, match="colour"):
         build_dataset("folder", tmp_path, "train")[0]
 
 
 @pytest.mark.parametrize("name", ["camvid", "cityscapes", "ade20k", "voc", "folder"])
 def test_missing_root_names_path(tmp_path: Path, name: str) -> None:
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "absent"))):
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "absent"))):
         build_dataset(name, tmp_path / "absent", "train")
 
 
 def test_missing_split_names_path(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_text("")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "test.txt"))):
+    with pytest.raises(MissingSplit, match=re.escape(str(tmp_path / "test.txt"))):
         build_dataset("camvid", tmp_path, "test")
     (tmp_path / "leftImg8bit/train").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "leftImg8bit" / "val"))):
+    with pytest.raises(MissingSplit, match=re.escape(str(tmp_path / "leftImg8bit" / "val"))):
         build_dataset("cityscapes", tmp_path, "val")
 
 
 def test_bad_name_option_or_root() -> None:
-    with pytest.raises(ValueError, match="camvid"):
+    with pytest.raises(DatasetError, match="camvid"):
         build_dataset("camvidd", "x", "train")
-    with pytest.raises(ValueError, match=r"colour.*num_classes"):
+    with pytest.raises(DatasetError, match=r"colour.*num_classes"):
         build_dataset("synthetic", None, "train", colour=3)
+    with pytest.raises(DatasetError, match=r"remove data\.root"):
+        build_dataset("synthetic", "somewhere", "train")
     with pytest.raises(DatasetError, match="root"):
         build_dataset("camvid", None, "train")
 
@@ -181,12 +216,13 @@ def test_summary_counts_sizes_and_frequencies(tmp_path: Path) -> None:
     assert train["classes"] == pytest.approx({"sky": 6 / 18, "road": 6 / 18, "car": 6 / 18})
     assert train["ignore"] == pytest.approx(0.25)
     console = Console(file=io.StringIO(), width=120)
-    print_summary(summary, console)
+    for table in summary_tables(summary):
+        console.print(table)
     text = console.file.getvalue()
     assert "4x6: 1" in text and "road" in text and "25.0%" in text
 
 
 def test_summary_of_nothing_names_root(tmp_path: Path) -> None:
     (tmp_path / "classes.yaml").write_text("- a\n")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path))):
         summarize("camvid", tmp_path)

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fakd_deploy.evaluate import ConfusionMatrix, EvalMode, evaluate, summarize_variants
+from fakd_deploy.data.preprocess import resize_bilinear
+from fakd_deploy.errors import DatasetError
+from fakd_deploy.evaluate import ConfusionMatrix, evaluate, predict_labels, summarize_variants
+from fakd_deploy.recipe import EvalConfig
 
 
 def miou_by_sets(target: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> float:
@@ -31,7 +34,7 @@ def test_miou_matches_numpy(seed: int) -> None:
     pred[pred == 255] = 0
     matrix = ConfusionMatrix(num_classes)
     for t, p in zip(target, pred, strict=True):
-        matrix.update(torch.from_numpy(t), torch.from_numpy(p))
+        matrix.update(t, p)
     result = matrix.compute()
     assert result["miou"] == pytest.approx(miou_by_sets(target, pred, num_classes), abs=1e-9)
     valid = target != 255
@@ -40,57 +43,85 @@ def test_miou_matches_numpy(seed: int) -> None:
 
 def test_absent_class_is_none_and_excluded() -> None:
     matrix = ConfusionMatrix(4)
-    matrix.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0]))
+    matrix.update(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 0]))
     result = matrix.compute()
     assert result["per_class_iou"][2] is None and result["per_class_iou"][3] is None
     assert result["miou"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
 
 
 def test_label_out_of_range_is_an_error() -> None:
-    with pytest.raises(ValueError, match="label value 7"):
-        ConfusionMatrix(4).update(torch.tensor([0, 7]), torch.tensor([0, 1]))
+    with pytest.raises(DatasetError, match="label value 7"):
+        ConfusionMatrix(4).update(np.array([0, 7]), np.array([0, 1]))
 
 
-def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(2, 3, 16, 20, generator=gen),
-             torch.randint(0, 3, (2, 16, 20), generator=gen)) for _ in range(n)]
+def _batches(n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        (rng.standard_normal((2, 3, 16, 20)).astype(np.float32), rng.integers(0, 3, (2, 16, 20)))
+        for _ in range(n)
+    ]
 
 
 class ChannelPredictor:
-    """Logits at half resolution that copy the first three input channels: mode-invariant."""
+    """Logits at half resolution that copy the first three input channels: mode-invariant.
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.avg_pool2d(images, 2)
+    It counts its calls, so a test can see how often evaluation runs the model.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        n, c, h, w = images.shape
+        return images.reshape(n, c, h // 2, 2, w // 2, 2).mean((3, 5))
 
 
 def test_labels_and_logits_predictors_agree() -> None:
     batches = _batches()
     logits = evaluate(ChannelPredictor(), batches, 3)
 
-    def labels(images: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.interpolate(ChannelPredictor()(images), images.shape[-2:],
-                                              mode="bilinear", align_corners=False)
-        return out.argmax(1)
+    def labels(images: np.ndarray) -> np.ndarray:
+        return resize_bilinear(ChannelPredictor()(images), images.shape[-2:]).argmax(1)
 
     assert evaluate(labels, batches, 3)["miou"] == pytest.approx(logits["miou"])
+
+
+def test_low_resolution_logits_run_the_model_once_per_batch() -> None:
+    predictor = ChannelPredictor()
+    images, _ = _batches(1)[0]
+    labels = predict_labels(predictor, images)
+    assert predictor.calls == 1 and labels.shape == (2, 16, 20)
+    expected = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(ChannelPredictor()(images)), (16, 20), mode="bilinear", align_corners=False
+        )
+        .argmax(1)
+        .numpy()
+    )
+    np.testing.assert_array_equal(labels, expected)
 
 
 def test_flip_and_slide_modes_are_recorded_and_consistent() -> None:
     batches = _batches()
     whole = evaluate(ChannelPredictor(), batches, 3)
-    slide = evaluate(ChannelPredictor(), batches, 3,
-                     mode=EvalMode(name="slide", window=(16, 16), stride=(8, 8)))
-    flip = evaluate(ChannelPredictor(), batches, 3, mode=EvalMode(flip=True))
-    assert slide["mode"] == "slide(16, 16)" and flip["mode"] == "whole+flip"
+    slide = evaluate(
+        ChannelPredictor(), batches, 3, mode=EvalConfig(mode="slide", window=(16, 16), stride=(8, 8))
+    )
+    flip = evaluate(ChannelPredictor(), batches, 3, mode=EvalConfig(flip=True))
+    assert slide["mode"] == "slide[16, 16]" and flip["mode"] == "whole+flip"
     assert abs(slide["miou"] - whole["miou"]) < 5
     assert flip["miou"] == pytest.approx(whole["miou"])  # the predictor is flip-equivariant
 
 
 def test_variant_summary_matches_numpy() -> None:
-    rows = [{"variant": "kd", "miou": 40.0}, {"variant": "baseline", "miou": 41.5},
-            {"variant": "kd", "miou": 43.0}, {"variant": "kd", "miou": 41.2},
-            {"variant": "teacher", "miou": 51.0}]
+    rows = [
+        {"variant": "kd", "miou": 40.0},
+        {"variant": "baseline", "miou": 41.5},
+        {"variant": "kd", "miou": 43.0},
+        {"variant": "kd", "miou": 41.2},
+        {"variant": "teacher", "miou": 51.0},
+    ]
     summary = {item["variant"]: item for item in summarize_variants(rows)}
     kd = np.array([40.0, 43.0, 41.2])
     assert summary["kd"]["seeds"] == 3
@@ -98,3 +129,33 @@ def test_variant_summary_matches_numpy() -> None:
     assert summary["kd"]["std"] == pytest.approx(kd.std(ddof=1), abs=1e-12)
     assert (summary["kd"]["min"], summary["kd"]["max"]) == (40.0, 43.0)
     assert summary["teacher"]["std"] is None and summary["teacher"]["mean"] == 51.0
+
+
+def test_nothing_to_evaluate_is_an_error_not_nan() -> None:
+    with pytest.raises(DatasetError, match="nothing to evaluate"):
+        evaluate(ChannelPredictor(), [], 3)
+
+
+def test_multi_scale_averages_softmax_over_scales() -> None:
+    """Scales and flips: labels are the argmax of the mean softmax, computed here independently."""
+    predictor = ChannelPredictor()
+    images, _ = _batches(1)[0]
+    mode = EvalConfig(scales=[0.5, 1.0], flip=True)
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    total = 0.0
+    for scale in (0.5, 1.0):
+        x = torch.nn.functional.interpolate(
+            torch.from_numpy(images), (int(16 * scale), int(20 * scale)), mode="bilinear", align_corners=False
+        )
+        for flip in (False, True):
+            inp = x.flip(-1) if flip else x
+            out = torch.from_numpy(predictor(inp.numpy().copy()))
+            out = torch.nn.functional.interpolate(out, inp.shape[-2:], mode="bilinear", align_corners=False)
+            out = out.flip(-1) if flip else out
+            out = torch.nn.functional.interpolate(out, (16, 20), mode="bilinear", align_corners=False)
+            total = total + softmax(out.numpy())
+    np.testing.assert_array_equal(predict_labels(predictor, images, mode), np.asarray(total).argmax(1))

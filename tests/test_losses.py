@@ -26,6 +26,18 @@ def test_resize_labels_is_nearest() -> None:
     labels = torch.arange(16).reshape(1, 4, 4)
     assert torch.equal(losses.resize_labels(labels, (2, 2)), labels[:, ::2, ::2])
     assert losses.resize_labels(labels, (4, 4)) is labels
+    odd = torch.arange(2 * 7 * 9).reshape(2, 7, 9)  # output pixel i reads input pixel floor(i * in / out)
+    rows, cols = [i * 7 // 3 for i in range(3)], [j * 9 // 4 for j in range(4)]
+    assert rows == [0, 2, 4] and cols == [0, 2, 4, 6]
+    assert torch.equal(losses.resize_labels(odd, (3, 4)), odd[:, rows][:, :, cols])
+    assert losses.resize_labels(odd.to(torch.uint8), (3, 4)).dtype == torch.uint8
+
+
+def test_resize_like_is_bilinear_and_leaves_a_same_size_input_alone() -> None:
+    x, reference = randn(1, 2, 3, 4), randn(1, 5, 6, 8)
+    expected = F.interpolate(x, size=(6, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses.resize_like(x, reference), expected, **TOL)
+    assert losses.resize_like(x, randn(1, 5, 3, 4)) is x
 
 
 def test_ce_upsamples_logits_to_labels_and_skips_ignored() -> None:
@@ -34,6 +46,14 @@ def test_ce_upsamples_logits_to_labels_and_skips_ignored() -> None:
     labels[0, :3] = 255
     up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
     expected = F.cross_entropy(up, labels, ignore_index=255)
+    torch.testing.assert_close(losses.ce_loss(logits, labels), expected, **TOL)
+
+
+def test_ce_with_one_valid_pixel_is_its_negative_log_probability() -> None:
+    logits = randn(1, 3, 2, 2)
+    labels = torch.full((1, 2, 2), 255)
+    labels[0, 1, 0] = 2
+    expected = -torch.log_softmax(logits[0, :, 1, 0], 0)[2]
     torch.testing.assert_close(losses.ce_loss(logits, labels), expected, **TOL)
 
 
@@ -57,6 +77,8 @@ def test_kd_matches_formula_over_valid_pixels(tau: float) -> None:
     expected = tau**2 * kl[valid].mean()
     assert losses.kd_loss(student, teacher, tau, labels).item() == pytest.approx(expected, rel=1e-12)
     assert losses.kd_loss(student, teacher, tau).item() == pytest.approx(tau**2 * kl.mean(), rel=1e-12)
+    if tau == 1.0:  # the default
+        assert losses.kd_loss(student, teacher, labels=labels).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_kd_ignores_what_happens_at_ignored_pixels() -> None:
@@ -78,6 +100,8 @@ def test_cwd_matches_formula(tau: float) -> None:
     log_p, log_q = log_softmax_np(t, 2), log_softmax_np(s, 2)  # softmax over positions
     expected = tau**2 / (n * c) * (np.exp(log_p) * (log_p - log_q)).sum()
     assert losses.cwd_loss(student, teacher, tau).item() == pytest.approx(expected, rel=1e-12)
+    if tau == 4.0:  # the default
+        assert losses.cwd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_identical_inputs_give_zero_distillation_loss() -> None:
@@ -91,7 +115,11 @@ def test_feature_losses_go_through_the_adapter() -> None:
     adapter = nn.Conv2d(5, 3, 1).double()
     student, teacher = randn(2, 5, 4, 4), randn(2, 3, 4, 4)
     adapted = adapter(student)
-    torch.testing.assert_close(losses.cwd_feat_loss(student, teacher, adapter, 2.0),
-                               losses.cwd_loss(adapted, teacher, 2.0), **TOL)
+    torch.testing.assert_close(
+        losses.cwd_feat_loss(student, teacher, adapter, 2.0), losses.cwd_loss(adapted, teacher, 2.0), **TOL
+    )
+    torch.testing.assert_close(
+        losses.cwd_feat_loss(student, teacher, adapter), losses.cwd_loss(adapted, teacher, 4.0), **TOL
+    )
     expected = ((adapted - teacher) ** 2).mean()
     torch.testing.assert_close(losses.mse_feat_loss(student, teacher, adapter), expected, **TOL)

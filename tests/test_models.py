@@ -14,7 +14,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
-from fakd_deploy.models import ENCODERS, HEADS, Encoder, build_model, list_models, print_models
+from fakd_deploy.errors import BadInput
+from fakd_deploy.models import ENCODERS, HEADS, Encoder, build_model, list_models, models_table
 from fakd_deploy.models.zoo import count_flops
 
 SIZE = 64
@@ -30,8 +31,10 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize(("encoder", "output_stride"),
-                         [("resnet10t", 8), ("mobilenetv3_small_050", 8), ("mobilenetv3_small_050", 16)])
+@pytest.mark.parametrize(
+    ("encoder", "output_stride"),
+    [("resnet10t", 8), ("mobilenetv3_small_050", 8), ("mobilenetv3_small_050", 16)],
+)
 @pytest.mark.parametrize("name", list(HEADS))
 def test_head_shapes_and_classifier_last(name: str, encoder: str, output_stride: int) -> None:
     model = build_model(name, CLASSES, encoder, output_stride, aux=True, channels=16)
@@ -74,8 +77,17 @@ def test_every_zoo_encoder_builds_at_output_stride(encoder: str, output_stride: 
 
 
 def test_config_rebuilds_the_same_model() -> None:
-    model = build_model("deeplabv3plus", CLASSES, "resnet10t", 16, aux=True, channels=24,
-                        rates=(2, 4, 6), low_channels=8, dropout=0.2).eval()
+    model = build_model(
+        "deeplabv3plus",
+        CLASSES,
+        "resnet10t",
+        16,
+        aux=True,
+        channels=24,
+        rates=(2, 4, 6),
+        low_channels=8,
+        dropout=0.2,
+    ).eval()
     rebuilt = build_model(**model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, SIZE, SIZE)
@@ -87,13 +99,16 @@ def test_default_channels_are_recorded() -> None:
     assert build_model("pspnet", CLASSES, "resnet10t").config["channels"] == HEADS["pspnet"].default_channels
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"name": "unet", "encoder": "resnet18"}, "unknown model 'unet'"),
-    ({"name": "fcn", "encoder": "resnet9000"}, "unknown timm encoder"),
-    ({"name": "fcn", "encoder": "ghostnet_100"}, "output_stride=8"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "unet", "encoder": "resnet18"}, "unknown model 'unet'"),
+        ({"name": "fcn", "encoder": "resnet9000"}, "unknown timm encoder"),
+        ({"name": "fcn", "encoder": "ghostnet_100"}, "output_stride=8"),
+    ],
+)
 def test_bad_names_are_value_errors(kwargs: dict[str, str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(BadInput, match=message):
         build_model(num_classes=CLASSES, **kwargs)
 
 
@@ -132,14 +147,20 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("pretrained", [True, "resnet10t.c3_in1k"])
 def test_hub_weights_offline_fail_with_a_way_out(offline: None, pretrained: bool | str) -> None:
-    with pytest.raises(RuntimeError, match=r"could not download ImageNet weights for 'resnet10t.*"
-                                            r"\(offline\?\).*pretrained=/path/to/resnet10t\.pth"):
+    with pytest.raises(
+        BadInput,
+        match=r"could not download ImageNet weights for 'resnet10t.*"
+        r"\(offline\?\).*pretrained=/path/to/resnet10t\.pth",
+    ):
         build_model("fcn", CLASSES, "resnet10t", pretrained=pretrained)
 
 
 def test_hub_name_of_another_model_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"neither a weights file nor timm weights of encoder 'resnet10t' "
-                                         r"\(timm has: resnet10t\.c3_in1k\)"):
+    with pytest.raises(
+        BadInput,
+        match=r"neither a weights file nor timm weights of encoder 'resnet10t' "
+        r"\(timm has: resnet10t\.c3_in1k\)",
+    ):
         build_model("fcn", CLASSES, "resnet10t", pretrained="resnet18.a1_in1k")
 
 
@@ -161,16 +182,19 @@ def test_local_encoder_weights_load(tmp_path: Path, suffix: str) -> None:
 def test_local_weights_of_another_encoder_are_listed(tmp_path: Path) -> None:
     path = tmp_path / "wrong.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)
-    with pytest.raises(ValueError, match=r"wrong\.pth does not hold timm 'mobilenetv3_small_050' weights: "
-                                         r"\d+ missing keys \['conv_stem.weight'"):
+    with pytest.raises(
+        BadInput,
+        match=r"wrong\.pth does not hold timm 'mobilenetv3_small_050' weights: "
+        r"\d+ missing keys \['conv_stem.weight'",
+    ):
         build_model("fcn", CLASSES, "mobilenetv3_small_050", pretrained=path)
 
 
 def test_missing_or_corrupt_local_weights_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"nothing\.pth"):
+    with pytest.raises(BadInput, match=r"nothing\.pth"):
         build_model("fcn", CLASSES, "resnet10t", pretrained=str(tmp_path / "nothing.pth"))
     (tmp_path / "garbage.pth").write_bytes(b"not weights")
-    with pytest.raises(ValueError, match=r"garbage\.pth is not a readable weights file"):
+    with pytest.raises(BadInput, match=r"garbage\.pth is not a readable checkpoint"):
         build_model("fcn", CLASSES, "resnet10t", pretrained=str(tmp_path / "garbage.pth"))
 
 
@@ -183,6 +207,6 @@ def test_list_models_rows_match_a_real_build() -> None:
     assert rows[0]["gflops"] > rows[1]["gflops"] > 0
 
     console = Console(record=True, width=200)
-    print_models(rows, console)
+    console.print(models_table(rows))
     text = console.export_text()
     assert "resnet10t" in text and "GFLOPs @ 64x64" in text and "2 x MACs" in text

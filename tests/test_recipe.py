@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from fakd_deploy.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from fakd_deploy.errors import RecipeError
+from fakd_deploy.recipe import (
+    BackendName,
+    DatasetName,
+    HeadName,
+    LossName,
+    Recipe,
+    load_recipe,
+    parse_recipe,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -21,8 +30,9 @@ def test_shipped_recipes_validate(path: Path) -> None:
 
 
 def test_override_is_typed_by_the_schema() -> None:
-    recipe = load_recipe(RECIPES / "quickstart.yaml",
-                         ["student.train.steps=7", "data.crop=[32, 48]", "student.train.lr=0.5"])
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml", ["student.train.steps=7", "data.crop=[32, 48]", "student.train.lr=0.5"]
+    )
     assert recipe.student.train.steps == 7
     assert recipe.data.crop == (32, 48)
     assert recipe.student.train.lr == 0.5
@@ -48,29 +58,127 @@ def test_out_of_range_is_named() -> None:
         load_recipe(RECIPES / "quickstart.yaml", ["student.train.lr=-1"])
 
 
+MINIMAL = {"name": "x", "data": {}, "student": {}}
+
+
+def recipe(**sections: object) -> Recipe:
+    return parse_recipe({**MINIMAL, **sections})
+
+
 def test_unknown_key_in_yaml_is_named() -> None:
     with pytest.raises(RecipeError, match=r"unknown recipe key 'data\.colour'"):
-        parse_recipe({"name": "x", "data": {"colour": "red"}})
+        recipe(data={"colour": "red"})
 
 
 def test_registry_values_list_the_choices() -> None:
     with pytest.raises(RecipeError, match=r"'student\.model\.name'.*deeplabv3"):
-        parse_recipe({"name": "x", "student": {"model": {"name": "unet9000"}}})
+        recipe(student={"model": {"name": "unet9000"}})
     with pytest.raises(RecipeError, match=r"'data\.name'.*camvid"):
-        parse_recipe({"name": "x", "data": {"name": "kitti"}})
-    with pytest.raises(RecipeError, match=r"loss.*'mystery' is not one of.*kd"):
-        parse_recipe({"name": "x", "teacher": {},
-                      "student": {"variants": {"v": [{"loss": "mystery"}]}}})
+        recipe(data={"name": "kitti"})
+    with pytest.raises(RecipeError, match=r"loss.*'kd'"):
+        recipe(teacher={}, student={"variants": {"v": [{"loss": "mystery"}]}})
+
+
+def test_schema_names_match_the_registries() -> None:
+    """The schema lists the names; the registries hold the objects. They must agree."""
+    from typing import get_args
+
+    from fakd_deploy.data import DATASETS
+    from fakd_deploy.deploy.backends import ALIASES, BACKENDS
+    from fakd_deploy.distill.distiller import LOSSES
+    from fakd_deploy.models import HEADS
+
+    assert set(get_args(DatasetName)) == set(DATASETS)
+    assert set(get_args(HeadName)) == set(HEADS)
+    assert set(get_args(LossName)) == set(LOSSES)
+    assert set(get_args(BackendName)) == set(BACKENDS) | set(ALIASES)
+
+
+def test_recipe_module_is_a_leaf() -> None:
+    """Loading a recipe imports none of the modules it names (data, models, losses, backends)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fakd_deploy.recipe; "
+        "print(sorted(m for m in sys.modules if m.startswith('fakd_deploy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["fakd_deploy", "fakd_deploy.errors", "fakd_deploy.recipe"]
 
 
 def test_distillation_without_teacher_is_an_error() -> None:
     with pytest.raises(RecipeError, match="need a 'teacher' section"):
-        parse_recipe({"name": "x", "student": {"variants": {"kd": [{"loss": "kd"}]}}})
+        recipe(student={"variants": {"kd": [{"loss": "kd"}]}})
 
 
 def test_export_variant_must_exist() -> None:
     with pytest.raises(RecipeError, match=r"deploy\.export\.variant 'nope'"):
-        parse_recipe({"name": "x", "deploy": {"export": {"variant": "nope"}}})
+        recipe(deploy={"export": {"variant": "nope"}})
+
+
+@pytest.mark.parametrize("name", ["../../victim", "/abs", "a/b", "..", ".hidden", "", "x" * 65, "a b"])
+def test_variant_names_that_are_not_plain_are_refused(name: str) -> None:
+    with pytest.raises(RecipeError, match="variant name"):
+        recipe(student={"variants": {name: []}})
+
+
+def test_recipe_name_cannot_leave_the_runs_folder() -> None:
+    with pytest.raises(RecipeError, match="recipe name"):
+        parse_recipe({**MINIMAL, "name": "../../etc"})
+
+
+@pytest.mark.parametrize(
+    "term, message",
+    [
+        ({"loss": "cwd", "bound": "pairwise", "lam0": 1.0}, "'bound' applies to kd terms only"),
+        ({"loss": "mse_feat", "tau": 4.0}, "'tau' does not apply to mse_feat"),
+        ({"loss": "kd", "bound": "pairwise"}, "only matter with FAKD"),
+        ({"loss": "cwd", "bound": "centred", "lam0": 1.0}, "'bound' applies to kd terms only"),
+        ({"loss": "kd", "diagonal": False}, "only matter with FAKD"),
+    ],
+)
+def test_a_setting_a_term_would_ignore_is_an_error(term: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        recipe(teacher={}, student={"variants": {"v": [term]}})
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", "gpu"])
+def test_unknown_device_is_refused_on_load(device: str) -> None:
+    with pytest.raises(RecipeError, match=f"'{device}' is not a device"):
+        recipe(device=device)
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"eval": {"mode": "slide"}}, "needs eval.window"),
+        ({"eval": {"window": [8, 8]}}, "apply to mode 'slide' only"),
+        ({"deploy": {"export": {"height": 64}}}, "height and width together"),
+        ({"data": {"scale": [2.0, 0.5]}}, "must be \\(low, high\\)"),
+        ({"student": {"seeds": [1, 1]}}, "seeds must be distinct"),
+        ({"teacher": {"checkpoint": "a.pt", "weights": "b.pth"}}, "not both"),
+    ],
+)
+def test_inconsistent_sections_are_refused(sections: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        recipe(**sections)
+
+
+def test_empty_recipe_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(RecipeError, match=r"empty\.yaml is empty"):
+        load_recipe(path)
+    path.write_text("name: only\n")
+    with pytest.raises(RecipeError, match="recipe key 'data': Field required"):
+        load_recipe(path)
+
+
+def test_overrides_do_not_change_the_raw_dict() -> None:
+    raw = {**MINIMAL, "data": {"options": {"size": 32}}}
+    parse_recipe(raw, ["data.options.size=48"])
+    assert raw["data"]["options"]["size"] == 32
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -106,7 +214,11 @@ def _sections(model: type[BaseModel]) -> list[type[BaseModel]]:
 
 def test_readme_recipe_reference_names_every_key() -> None:
     readme = (RECIPES.parent / "README.md").read_text()
-    reference = readme[readme.index("## Recipes"):readme.index("## The run folder")]
-    missing = {f"{section.__name__}.{name}" for section in _sections(Recipe)
-               for name in section.model_fields if not re.search(rf"\b{name}\b", reference)}
+    reference = readme[readme.index("## Recipes") : readme.index("## The run folder")]
+    missing = {
+        f"{section.__name__}.{name}"
+        for section in _sections(Recipe)
+        for name in section.model_fields
+        if not re.search(rf"\b{name}\b", reference)
+    }
     assert not missing, f"README's recipe reference does not mention {sorted(missing)}"

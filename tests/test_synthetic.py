@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fakd_deploy.data import build_dataset, build_transforms
+from fakd_deploy.data import build_dataset
 from fakd_deploy.data.synthetic import Synthetic
+from fakd_deploy.errors import DatasetError
 
 
 def digest(seed: int, index: int) -> str:
@@ -30,7 +31,7 @@ def test_arrays_and_metadata() -> None:
     assert len(Synthetic(split="train")) == 512 and len(Synthetic(split="val")) == 128
     with pytest.raises(IndexError):
         ds[5]
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(DatasetError, match="num_classes"):
         Synthetic(num_classes=5)
 
 
@@ -45,8 +46,14 @@ def test_same_seed_same_arrays_other_seed_other_arrays() -> None:
 def test_same_arrays_in_another_process() -> None:
     code = "from tests.test_synthetic import digest; print(digest(11, 2))"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.stdout.strip() == digest(11, 2)
 
 
@@ -63,8 +70,10 @@ def test_every_class_appears_in_a_few_images() -> None:
 
 def pixels(ds: Synthetic, count: int) -> tuple[np.ndarray, np.ndarray]:
     images, masks = zip(*(ds[i] for i in range(count)), strict=True)
-    return (np.concatenate([i.reshape(-1, 3) for i in images]).astype(np.float32),
-            np.concatenate([m.ravel() for m in masks]))
+    return (
+        np.concatenate([i.reshape(-1, 3) for i in images]).astype(np.float32),
+        np.concatenate([m.ravel() for m in masks]),
+    )
 
 
 def test_colour_alone_does_not_separate_classes() -> None:
@@ -78,7 +87,10 @@ def test_colour_alone_does_not_separate_classes() -> None:
 
 
 def test_transform_gives_tensors() -> None:
-    ds = Synthetic(transform=build_transforms(True, (32, 32)))
+    from fakd_deploy.data.transforms import TrainTransform
+
+    transform = TrainTransform((32, 32), (0.5, 2.0), True, 0.2, (0.5,) * 3, (0.2,) * 3, 255.0, 255)
+    ds = Synthetic(transform=transform)
     image, mask = ds[0]
     assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
     assert mask.dtype == torch.int64 and mask.shape == (32, 32)

@@ -1,4 +1,4 @@
-"""Datasets by name, their augmentation pipelines and a summary of what a dataset holds."""
+"""Datasets by name: readers that give numpy (image, mask) pairs, and a summary of a dataset."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
-from fakd_deploy.data.base import IGNORE, DatasetError, SegmentationDataset
+from fakd_deploy.data.base import IGNORE, MissingSplit, SegmentationDataset, Transform
 from fakd_deploy.data.datasets import ADE20K, CamVid, Cityscapes, Folder, PascalVOC
 from fakd_deploy.data.synthetic import Synthetic
-from fakd_deploy.data.transforms import build_transforms
+from fakd_deploy.errors import DatasetError
 
-DATASETS: dict[str, type[Dataset]] = {
+DATASETS: dict[str, type[SegmentationDataset] | type[Synthetic]] = {
     "synthetic": Synthetic,
     "camvid": CamVid,
     "cityscapes": Cityscapes,
@@ -21,20 +19,37 @@ DATASETS: dict[str, type[Dataset]] = {
     "voc": PascalVOC,
     "folder": Folder,
 }
+FIXED_ARGUMENTS = {"root", "split", "transform", "ignore_index"}
 
 
-def build_dataset(name: str, root: str | Path | None, split: str, transform: Any = None,
-                  **options: Any) -> Dataset:
-    """`ds[i]` is (image, mask): uint8 HxWx3 and int64 HxW, or tensors through `transform`."""
+def build_dataset(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    transform: Transform | None = None,
+    ignore_index: int = IGNORE,
+    **options: Any,
+) -> SegmentationDataset | Synthetic:
+    """`ds[i]` is (image, mask): uint8 HxWx3 and int64 HxW, or what `transform` makes of them."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
-    accepted = set(inspect.signature(DATASETS[name]).parameters) - {"root", "split", "transform"}
+        raise DatasetError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
+    accepted = set(inspect.signature(DATASETS[name]).parameters) - FIXED_ARGUMENTS
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"dataset '{name}' has no option {', '.join(unknown)}; "
-                         f"its options are: {', '.join(sorted(accepted)) or 'none'}")
-    return DATASETS[name](root, split=split, transform=transform, **options)
+        raise DatasetError(
+            f"dataset '{name}' has no option {', '.join(unknown)}; "
+            f"its options are: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    return DATASETS[name](root, split=split, transform=transform, ignore_index=ignore_index, **options)
 
 
-__all__ = ["DATASETS", "IGNORE", "DatasetError", "SegmentationDataset", "Synthetic", "build_dataset",
-           "build_transforms"]
+__all__ = [
+    "DATASETS",
+    "IGNORE",
+    "DatasetError",
+    "MissingSplit",
+    "SegmentationDataset",
+    "Synthetic",
+    "Transform",
+    "build_dataset",
+]

@@ -1,84 +1,116 @@
-"""What every file-backed dataset shares: (image, label) pairs, label checks, an optional transform."""
+"""What every file-backed dataset shares: (image, label) pairs, label checks, an optional transform.
+
+Readers are numpy and PIL only, so a deployed model can be scored where torch is not
+installed; the training augmentation (`data.transforms`) turns their arrays into tensors.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from PIL import Image, UnidentifiedImageError
+
+from fakd_deploy.errors import DatasetError
 
 IGNORE = 255
 
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read as asked; the message names the file and the value."""
+# (image HxWx3 uint8, mask HxW int64) -> whatever the consumer wants (arrays or tensors)
+Transform = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
 
 
 def find_root(root: str | Path | None, dataset: str) -> Path:
     """The dataset folder, or an error that names what was looked for."""
     if root is None:
-        raise DatasetError(f"dataset '{dataset}' needs a root folder")
+        raise DatasetError(f"dataset '{dataset}' needs a root folder (data.root)")
     return require(Path(root), f"{dataset} root")
+
+
+class MissingSplit(DatasetError):
+    """The split asked for has no list or folder under the dataset root."""
 
 
 def require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: looked for {path}")
+        raise DatasetError(f"{what} not found: looked for {path}")
     return path
 
 
+def require_split(path: Path, what: str) -> Path:
+    """Like `require`, for the file or folder that defines a split (absent: `MissingSplit`)."""
+    if not path.exists():
+        raise MissingSplit(f"{what} not found: looked for {path}")
+    return path
+
+
+def open_image(path: Path) -> Image.Image:
+    """A fully decoded image; a missing, truncated or non-image file names itself."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{path} is not a readable image (truncated or corrupt?): {error}") from None
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return np.asarray(open_image(path).convert("RGB"))
 
 
 def read_indices(path: Path) -> np.ndarray:
     """Class ids of a label PNG; palette PNGs give their indices, never their colours."""
-    image = Image.open(path)
+    image = open_image(path)
     if image.mode in ("RGB", "RGBA"):
         channels = np.asarray(image)[..., :3]
         if (channels != channels[..., :1]).any():
-            raise DatasetError(f"{path}: the label is a colour image; save class ids as a "
-                               f"single-channel or palette PNG")
+            raise DatasetError(
+                f"{path}: the label is a colour image; save class ids as a single-channel or palette PNG"
+            )
         return channels[..., 0].astype(np.int64)
     return np.asarray(image).astype(np.int64)
 
 
-def check_labels(mask: np.ndarray, num_classes: int, source: Any) -> None:
+def check_labels(mask: np.ndarray, num_classes: int, source: Any, ignore_index: int = IGNORE) -> None:
     """Labels must be class ids in [0, num_classes) or the ignore label."""
-    bad = (mask != IGNORE) & ((mask < 0) | (mask >= num_classes))
+    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
     if bad.any():
         values = ", ".join(str(v) for v in np.unique(mask[bad])[:8])
-        raise DatasetError(f"{source}: label value(s) {values} outside [0, {num_classes}) "
-                           f"and not the ignore label {IGNORE}")
+        raise DatasetError(
+            f"{source}: label value(s) {values} outside [0, {num_classes}) "
+            f"and not the ignore label {ignore_index}"
+        )
 
 
-def apply(transform: Any, image: np.ndarray, mask: np.ndarray) -> tuple[Any, Any]:
-    """(image, mask) as arrays, or through an albumentations-style transform as tensors."""
-    if transform is None:
-        return image, mask
-    out = transform(image=image, mask=mask)
-    return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["mask"], dtype=torch.int64)
-
-
-class SegmentationDataset(Dataset):
+class SegmentationDataset:
     """Pairs of image and label files; subclasses find the pairs and say how labels map to ids.
 
-    Without a transform `ds[i]` is (HxWx3 uint8 RGB, HxW int64 with ignore 255); with an
-    albumentations transform it is (3xHxW float32 tensor, HxW int64 tensor).
+    `ds[i]` is (HxWx3 uint8 RGB, HxW int64 with `ignore_index` where unlabelled), or what
+    `transform` makes of that pair. Readers mark unlabelled pixels with 255; a recipe's
+    `data.ignore_index` moves them to another value.
     """
 
-    ignore_index = IGNORE
-
-    def __init__(self, files: list[tuple[Path, Path]], class_names: list[str],
-                 transform: Any = None) -> None:
+    def __init__(
+        self,
+        files: list[tuple[Path, Path]],
+        class_names: list[str],
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+    ) -> None:
         if not files:
             raise DatasetError(f"{type(self).__name__}: no image/label pairs were found")
+        if 0 <= ignore_index < len(class_names):
+            raise DatasetError(
+                f"ignore_index {ignore_index} is a class id of this dataset "
+                f"(0..{len(class_names) - 1}); pick a value outside that range"
+            )
         self.files = files
         self.class_names = list(class_names)
         self.transform = transform
+        self.ignore_index = ignore_index
 
     @property
     def num_classes(self) -> int:
@@ -88,17 +120,22 @@ class SegmentationDataset(Dataset):
         return len(self.files)
 
     def read_mask(self, path: Path) -> np.ndarray:
-        """Train ids of one label file (ignore = 255); datasets with other label values override."""
+        """Train ids of one label file (unlabelled = 255); datasets with other values override."""
         return read_indices(path)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.files[index]
         image, mask = read_rgb(image_path), self.read_mask(label_path)
-        check_labels(mask, self.num_classes, label_path)
+        if self.ignore_index != IGNORE:
+            mask = np.where(mask == IGNORE, self.ignore_index, mask)
+        check_labels(mask, self.num_classes, label_path, self.ignore_index)
         if image.shape[:2] != mask.shape:
-            raise DatasetError(f"{label_path}: label size {mask.shape} differs from the size "
-                               f"{image.shape[:2]} of its image {image_path}")
+            raise DatasetError(
+                f"{label_path}: label size {mask.shape} differs from the size "
+                f"{image.shape[:2]} of its image {image_path}"
+            )
         return image, mask
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        return apply(self.transform, *self.load(index))
+        image, mask = self.load(index)
+        return (image, mask) if self.transform is None else self.transform(image, mask)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from fakd_deploy.data import build_dataset
+from fakd_deploy.data import MissingSplit, build_dataset
+from fakd_deploy.errors import DatasetError
 from fakd_deploy.progress import progress_bar
 
 
@@ -36,35 +36,42 @@ def scan_split(dataset: Any, count: int, label: str) -> dict[str, Any]:
         "count": len(dataset),
         "scanned": count,
         "sizes": dict(sizes.most_common()),
-        "classes": {name: float(n) / max(labelled_total, 1)
-                    for name, n in zip(dataset.class_names, pixels[:-1], strict=True)},
+        "classes": {
+            name: float(n) / max(labelled_total, 1)
+            for name, n in zip(dataset.class_names, pixels[:-1], strict=True)
+        },
         "ignore": float(pixels[-1]) / max(total, 1),
     }
 
 
-def summarize(name: str, root: str | Path | None, splits: tuple[str, ...] = ("train", "val", "test"),
-              max_images: int | None = None, **options: Any) -> dict[str, Any]:
+def summarize(
+    name: str,
+    root: str | Path | None,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    max_images: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Per split that exists: image count, {(h, w): count} and class pixel frequencies.
 
     Class frequencies are fractions of the labelled pixels; `ignore` is the fraction of all
-    pixels that carry the ignore label. Splits whose folder or list is absent are left out.
+    pixels that carry the ignore label. Splits whose folder or list is absent are left out;
+    any other problem (a missing mask, a bad label) is reported as training would report it.
     """
     summary: dict[str, Any] = {"name": name, "root": None if root is None else str(root), "splits": {}}
     for split in splits:
         try:
             dataset = build_dataset(name, root, split, **options)
-        except FileNotFoundError:
+        except MissingSplit:
             continue
         summary["class_names"] = list(dataset.class_names)
         count = len(dataset) if max_images is None else min(max_images, len(dataset))
         summary["splits"][split] = scan_split(dataset, count, f"{name} {split}")
     if not summary["splits"]:
-        raise FileNotFoundError(f"no split of {', '.join(splits)} found for dataset '{name}' "
-                                f"under {root}")
+        raise DatasetError(f"no split of {', '.join(splits)} found for dataset '{name}' under {root}")
     return summary
 
 
-def print_summary(summary: dict[str, Any], console: Console) -> None:
+def summary_tables(summary: dict[str, Any]) -> list[Table]:
     """One table of splits (count, sizes), one of class frequencies per split."""
     splits = summary["splits"]
     overview = Table(title=f"{summary['name']} at {summary['root'] or '(generated)'}")
@@ -72,9 +79,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         overview.add_column(column)
     for split, info in splits.items():
         sizes = ", ".join(f"{h}x{w}: {n}" for (h, w), n in info["sizes"].items())
-        overview.add_row(split, str(info["count"]), str(info["scanned"]), sizes,
-                         f"{info['ignore']:.1%}")
-    console.print(overview)
+        overview.add_row(split, str(info["count"]), str(info["scanned"]), sizes, f"{info['ignore']:.1%}")
 
     classes = Table(title="class pixel frequency (of labelled pixels)")
     classes.add_column("id", justify="right")
@@ -83,7 +88,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         classes.add_column(split, justify="right")
     for index, name in enumerate(summary["class_names"]):
         classes.add_row(str(index), name, *(frequency(info["classes"][name]) for info in splits.values()))
-    console.print(classes)
+    return [overview, classes]
 
 
 def frequency(value: float) -> str:

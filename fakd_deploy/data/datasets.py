@@ -7,7 +7,7 @@ to know which dataset it is reading.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import yaml
@@ -15,10 +15,13 @@ import yaml
 from fakd_deploy.data.base import (
     IGNORE,
     DatasetError,
+    MissingSplit,
     SegmentationDataset,
+    Transform,
     find_root,
     read_indices,
     require,
+    require_split,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -27,8 +30,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def listed_pairs(root: Path, listing: Path) -> list[tuple[Path, Path]]:
     """`image label` pairs, one per line, relative to root (the SegNet/CamVid list format)."""
     pairs = []
-    for line in require(listing, "split list").read_text().splitlines():
+    for line in require_split(listing, "split list").read_text().splitlines():
         if line.strip():
+            if len(line.split()) < 2:
+                raise DatasetError(f"{listing}: line {line!r} must name an image and its label")
             image, label = line.split()[:2]
             pairs.append((root / image.lstrip("/"), root / label.lstrip("/")))
     return pairs
@@ -38,13 +43,29 @@ class CamVid(SegmentationDataset):
     """CamVid at 360x480 in the 11-class SegNet version; label 11 is void."""
 
     CLASS_NAMES: ClassVar[list[str]] = [
-        "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-        "Pedestrian", "Bicyclist"]
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    ]
     VOID = 11
 
-    def __init__(self, root: str | Path | None, split: str = "train", transform: Any = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+    ) -> None:
         root = find_root(root, "camvid")
-        super().__init__(listed_pairs(root, root / f"{split}.txt"), self.CLASS_NAMES, transform)
+        super().__init__(listed_pairs(root, root / f"{split}.txt"), self.CLASS_NAMES, transform, ignore_index)
 
     def read_mask(self, path: Path) -> np.ndarray:
         raw = read_indices(path)
@@ -55,19 +76,61 @@ class Cityscapes(SegmentationDataset):
     """Cityscapes fine annotations: `*_labelTrainIds.png` where present, else label ids mapped here."""
 
     CLASS_NAMES: ClassVar[list[str]] = [
-        "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-        "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-        "motorcycle", "bicycle"]
+        "road",
+        "sidewalk",
+        "building",
+        "wall",
+        "fence",
+        "pole",
+        "traffic light",
+        "traffic sign",
+        "vegetation",
+        "terrain",
+        "sky",
+        "person",
+        "rider",
+        "car",
+        "truck",
+        "bus",
+        "train",
+        "motorcycle",
+        "bicycle",
+    ]
     TRAIN_IDS: ClassVar[dict[int, int]] = {
-        7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+        7: 0,
+        8: 1,
+        11: 2,
+        12: 3,
+        13: 4,
+        17: 5,
+        19: 6,
+        20: 7,
+        21: 8,
+        22: 9,
+        23: 10,
+        24: 11,
+        25: 12,
+        26: 13,
+        27: 14,
+        28: 15,
+        31: 16,
+        32: 17,
+        33: 18,
+    }
 
-    def __init__(self, root: str | Path | None, split: str = "train", transform: Any = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+    ) -> None:
         root = find_root(root, "cityscapes")
-        images = sorted(require(root / "leftImg8bit" / split, "Cityscapes split")
-                        .glob("*/*_leftImg8bit.png"))
+        images = sorted(
+            require_split(root / "leftImg8bit" / split, "Cityscapes split").glob("*/*_leftImg8bit.png")
+        )
         pairs = [(image, self.label_for(root, split, image)) for image in images]
-        super().__init__(pairs, self.CLASS_NAMES, transform)
+        super().__init__(pairs, self.CLASS_NAMES, transform, ignore_index)
         self.lookup = np.full(256, IGNORE, dtype=np.int64)
         self.lookup[list(self.TRAIN_IDS)] = list(self.TRAIN_IDS.values())
 
@@ -91,38 +154,181 @@ class ADE20K(SegmentationDataset):
     """ADE20K SceneParsing: 150 classes; label 0 ("other") is ignored, the rest shift down by one."""
 
     CLASS_NAMES: ClassVar[list[str]] = [
-        "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
-        "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
-        "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug",
-        "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
-        "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
-        "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
-        "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-        "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
-        "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-        "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
-        "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track",
-        "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
-        "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
-        "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
-        "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave",
-        "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
-        "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate",
-        "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag"]
-    FOLDERS: ClassVar[dict[str, str]] = {"train": "training", "val": "validation",
-                                         "training": "training", "validation": "validation"}
+        "wall",
+        "building",
+        "sky",
+        "floor",
+        "tree",
+        "ceiling",
+        "road",
+        "bed",
+        "windowpane",
+        "grass",
+        "cabinet",
+        "sidewalk",
+        "person",
+        "earth",
+        "door",
+        "table",
+        "mountain",
+        "plant",
+        "curtain",
+        "chair",
+        "car",
+        "water",
+        "painting",
+        "sofa",
+        "shelf",
+        "house",
+        "sea",
+        "mirror",
+        "rug",
+        "field",
+        "armchair",
+        "seat",
+        "fence",
+        "desk",
+        "rock",
+        "wardrobe",
+        "lamp",
+        "bathtub",
+        "railing",
+        "cushion",
+        "base",
+        "box",
+        "column",
+        "signboard",
+        "chest of drawers",
+        "counter",
+        "sand",
+        "sink",
+        "skyscraper",
+        "fireplace",
+        "refrigerator",
+        "grandstand",
+        "path",
+        "stairs",
+        "runway",
+        "case",
+        "pool table",
+        "pillow",
+        "screen door",
+        "stairway",
+        "river",
+        "bridge",
+        "bookcase",
+        "blind",
+        "coffee table",
+        "toilet",
+        "flower",
+        "book",
+        "hill",
+        "bench",
+        "countertop",
+        "stove",
+        "palm",
+        "kitchen island",
+        "computer",
+        "swivel chair",
+        "boat",
+        "bar",
+        "arcade machine",
+        "hovel",
+        "bus",
+        "towel",
+        "light",
+        "truck",
+        "tower",
+        "chandelier",
+        "awning",
+        "streetlight",
+        "booth",
+        "television receiver",
+        "airplane",
+        "dirt track",
+        "apparel",
+        "pole",
+        "land",
+        "bannister",
+        "escalator",
+        "ottoman",
+        "bottle",
+        "buffet",
+        "poster",
+        "stage",
+        "van",
+        "ship",
+        "fountain",
+        "conveyer belt",
+        "canopy",
+        "washer",
+        "plaything",
+        "swimming pool",
+        "stool",
+        "barrel",
+        "basket",
+        "waterfall",
+        "tent",
+        "bag",
+        "minibike",
+        "cradle",
+        "oven",
+        "ball",
+        "food",
+        "step",
+        "tank",
+        "trade name",
+        "microwave",
+        "pot",
+        "animal",
+        "bicycle",
+        "lake",
+        "dishwasher",
+        "screen",
+        "blanket",
+        "sculpture",
+        "hood",
+        "sconce",
+        "vase",
+        "traffic light",
+        "tray",
+        "ashcan",
+        "fan",
+        "pier",
+        "crt screen",
+        "plate",
+        "monitor",
+        "bulletin board",
+        "shower",
+        "radiator",
+        "glass",
+        "clock",
+        "flag",
+    ]
+    FOLDERS: ClassVar[dict[str, str]] = {
+        "train": "training",
+        "val": "validation",
+        "training": "training",
+        "validation": "validation",
+    }
 
-    def __init__(self, root: str | Path | None, split: str = "train", transform: Any = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+    ) -> None:
         root = find_root(root, "ade20k")
         if (root / "ADEChallengeData2016").is_dir():
             root = root / "ADEChallengeData2016"
         if split not in self.FOLDERS:
-            raise DatasetError(f"ADE20K split must be one of {', '.join(self.FOLDERS)}, not '{split}'")
+            raise MissingSplit(f"ADE20K split must be one of {', '.join(self.FOLDERS)}, not '{split}'")
         folder = self.FOLDERS[split]
-        images = sorted(require(root / "images" / folder, "ADE20K split").glob("*.jpg"))
+        images = sorted(require_split(root / "images" / folder, "ADE20K split").glob("*.jpg"))
         labels = require(root / "annotations" / folder, "ADE20K annotations")
         pairs = [(image, labels / f"{image.stem}.png") for image in images]
-        super().__init__(pairs, self.CLASS_NAMES, transform)
+        super().__init__(pairs, self.CLASS_NAMES, transform, ignore_index)
 
     def read_mask(self, path: Path) -> np.ndarray:
         raw = read_indices(path)
@@ -137,12 +343,37 @@ class PascalVOC(SegmentationDataset):
     """
 
     CLASS_NAMES: ClassVar[list[str]] = [
-        "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-        "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-        "sheep", "sofa", "train", "tvmonitor"]
+        "background",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
+    ]
 
-    def __init__(self, root: str | Path | None, split: str = "train", transform: Any = None,
-                 augmented: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+        augmented: bool = False,
+    ) -> None:
         root = find_root(root, "voc")
         if (root / "VOC2012").is_dir():
             root = root / "VOC2012"
@@ -151,9 +382,9 @@ class PascalVOC(SegmentationDataset):
         if augmented and (lists / f"{split}_aug.txt").exists():
             listing = lists / f"{split}_aug.txt"
         labels = root / ("SegmentationClassAug" if augmented else "SegmentationClass")
-        names = require(listing, "VOC split list").read_text().split()
+        names = require_split(listing, "VOC split list").read_text().split()
         pairs = [(root / "JPEGImages" / f"{n}.jpg", labels / f"{n}.png") for n in names]
-        super().__init__(pairs, self.CLASS_NAMES, transform)
+        super().__init__(pairs, self.CLASS_NAMES, transform, ignore_index)
 
 
 class Folder(SegmentationDataset):
@@ -164,7 +395,13 @@ class Folder(SegmentationDataset):
     them every split reads the same images.
     """
 
-    def __init__(self, root: str | Path | None, split: str = "train", transform: Any = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+    ) -> None:
         root = find_root(root, "folder")
         class_names = read_class_names(root / "classes.yaml")
         images, masks = split_folders(root, split)
@@ -172,9 +409,9 @@ class Folder(SegmentationDataset):
         pairs = []
         for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             if image.stem not in by_stem:
-                raise FileNotFoundError(f"{image} has no mask: looked for {masks / image.stem}.*")
+                raise DatasetError(f"{image} has no mask: looked for {masks / image.stem}.*")
             pairs.append((image, by_stem[image.stem]))
-        super().__init__(pairs, class_names, transform)
+        super().__init__(pairs, class_names, transform, ignore_index)
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -188,5 +425,8 @@ def split_folders(root: Path, split: str) -> tuple[Path, Path]:
     """`images/{split}` and `masks/{split}` when the data is split into subfolders, else the two roots."""
     images, masks = require(root / "images", "image folder"), require(root / "masks", "mask folder")
     if any(p.is_dir() for p in images.iterdir()):
-        return require(images / split, "image split folder"), require(masks / split, "mask split folder")
+        return (
+            require_split(images / split, "image split folder"),
+            require(masks / split, "mask split folder"),
+        )
     return images, masks

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
-import cv2
 import numpy as np
-from torch.utils.data import Dataset
 
-from fakd_deploy.data.base import IGNORE, apply
+from fakd_deploy.data.base import IGNORE, Transform
+from fakd_deploy.errors import DatasetError
 
 TEXTURES = ("stripes", "checker", "blobs", "grain")
 SHAPES = ("ellipse", "rectangle", "polygon")
@@ -40,9 +40,15 @@ def class_styles(num_classes: int, seed: int) -> list[Style]:
     """Classes 2k and 2k+1 share a colour; their textures differ (class c uses TEXTURES[c % 4])."""
     rng = np.random.default_rng([seed, 7919])
     colours = rng.uniform(60, 190, size=((num_classes + 1) // 2, 3)).astype(np.float32)
-    return [Style(colour=colours[c // 2], texture=TEXTURES[c % len(TEXTURES)],
-                  period=float(rng.uniform(3.0, 8.0)), angle=float(rng.uniform(0, np.pi)))
-            for c in range(num_classes)]
+    return [
+        Style(
+            colour=colours[c // 2],
+            texture=TEXTURES[c % len(TEXTURES)],
+            period=float(rng.uniform(3.0, 8.0)),
+            angle=float(rng.uniform(0, np.pi)),
+        )
+        for c in range(num_classes)
+    ]
 
 
 def texture(style: Style, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -61,8 +67,20 @@ def texture(style: Style, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generat
     return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=yy.shape)
 
 
+def opencv() -> ModuleType:
+    """OpenCV draws the shapes; it comes with the training install, not the deploy-only one."""
+    try:
+        import cv2
+    except ImportError:
+        raise DatasetError(
+            "the synthetic dataset draws its scenes with OpenCV: pip install opencv-python-headless"
+        ) from None
+    return cv2
+
+
 def draw_shape(canvas: np.ndarray, value: int, rng: np.random.Generator) -> None:
     """Paint one random ellipse, rotated rectangle or star polygon of `value` onto the canvas."""
+    cv2 = opencv()
     h, w = canvas.shape
     centre = (float(rng.uniform(0, w)), float(rng.uniform(0, h)))
     radius = rng.uniform(0.06, 0.4, size=2) * (h, w)
@@ -80,27 +98,36 @@ def draw_shape(canvas: np.ndarray, value: int, rng: np.random.Generator) -> None
     cv2.fillPoly(canvas, [np.round(corners).astype(np.int32)], value)
 
 
-class Synthetic(Dataset):
+class Synthetic:
     """Textured overlapping shapes; class 0 is the background, `num_classes` >= 6.
 
-    `root` is ignored. The class styles depend on `seed` only, so every split draws from the
-    same distribution; the scenes depend on (seed, split, index), so splits never share images.
+    There is no `root`: giving one is an error. The class styles depend on `seed` only, so
+    every split draws from the same distribution; the scenes depend on (seed, split, index),
+    so splits never share images.
     """
 
-    ignore_index = IGNORE
-
-    def __init__(self, root: Any = None, split: str = "train", transform: Any = None,
-                 size: int | tuple[int, int] = 64, num_images: int | None = None, seed: int = 0,
-                 num_classes: int = 8) -> None:
+    def __init__(
+        self,
+        root: Any = None,
+        split: str = "train",
+        transform: Transform | None = None,
+        ignore_index: int = IGNORE,
+        size: int | tuple[int, int] = 64,
+        num_images: int | None = None,
+        seed: int = 0,
+        num_classes: int = 8,
+    ) -> None:
+        if root is not None:
+            raise DatasetError(f"the synthetic dataset is generated, not read: remove data.root ({root})")
         if num_classes < 6:
-            raise ValueError(f"synthetic data needs num_classes >= 6, got {num_classes}")
+            raise DatasetError(f"synthetic data needs num_classes >= 6, got {num_classes}")
+        self.ignore_index = ignore_index
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.split, self.seed, self.transform = split, seed, transform
         self.count = num_images if num_images is not None else (512 if split == "train" else 128)
         self.styles = class_styles(num_classes, seed)
-        self.yy, self.xx = np.mgrid[0:self.size[0], 0:self.size[1]].astype(np.float32)
-        self.class_names = ["background"] + [f"{self.styles[c].texture}_{c}"
-                                             for c in range(1, num_classes)]
+        self.yy, self.xx = np.mgrid[0 : self.size[0], 0 : self.size[1]].astype(np.float32)
+        self.class_names = ["background"] + [f"{self.styles[c].texture}_{c}" for c in range(1, num_classes)]
         self.files = [f"synthetic:{split}:{i}" for i in range(self.count)]
 
     @property
@@ -131,4 +158,5 @@ class Synthetic(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if not 0 <= index < self.count:
             raise IndexError(f"index {index} is outside the {self.count} images of split '{self.split}'")
-        return apply(self.transform, *self.generate(index))
+        image, mask = self.generate(index)
+        return (image, mask) if self.transform is None else self.transform(image, mask)

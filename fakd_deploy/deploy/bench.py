@@ -1,237 +1,218 @@
 """Speed and accuracy of every model of a run on one table: checkpoints, ONNX models, engines.
 
-Each row is scored by the shared `evaluate` on the same validation images at the
-export resolution, and timed at batch 1 after a time-based warm-up. A model that fails
-to load or to evaluate becomes a row with its status and error, never a crash.
+Each row is one model on one backend, opened through `artifacts.open_predictor` and
+scored by the shared `evaluate` on the same validation images at the export resolution,
+then timed after a time-based warm-up. Host latency (copies and pre/post-processing
+included) is measured for every row; GPU rows add GPU compute time (CUDA events around
+the run, inputs already on the device), as trtexec reports both. A model that fails to
+load or to evaluate becomes a row with its status and error, never a crash. Nothing here
+imports torch unless a checkpoint row is asked for.
 """
 
 from __future__ import annotations
 
 import datetime
 import gc
+import logging
+import os
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import torch
-import torch.nn.functional as F
 
 from fakd_deploy import __version__
-from fakd_deploy.deploy import error_summary
-from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_latency
-from fakd_deploy.deploy.shapes import FixedSizePredictor
-from fakd_deploy.evaluate import EvalMode, Predictor, evaluate
+from fakd_deploy.artifacts import SUFFIXES, FixedSizePredictor, open_predictor, resolve_recipe
+from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_gpu_compute, measure_latency
+from fakd_deploy.errors import BadInput, FakdError, error_summary
+from fakd_deploy.evaluate import evaluate
+from fakd_deploy.loaders import ValBatches, dataset_info
+from fakd_deploy.recipe import BenchConfig, Recipe
+from fakd_deploy.runfolder import RunFolder
 from fakd_deploy.utils import file_sha256
 
+log = logging.getLogger(__name__)
+
 STATUS_OK = "ok"
-STATUS_EVAL_FAILED = "export ok, evaluation failed"
-STATUS_FAILED = "failed"
-ORDER = ("pytorch", "ort-fp32", "ort-int8", "trt-fp32", "trt-fp16", "trt-int8")
+STATUS_LOAD_FAILED = "load failed"
+STATUS_RUN_FAILED = "loads, fails to run"
+STATUS_SKIPPED = "not runnable here"
+PYTORCH = "pytorch"
 
 
 @dataclass
 class Candidate:
-    """One thing to benchmark: a checkpoint or a deploy artifact."""
+    """One row to measure: a model file on one backend."""
 
     model: str
-    backend: str  # pytorch | onnxruntime | tensorrt
-    precision: str  # fp32 | fp16 | int8
+    backend: str
     path: Path
 
 
-@dataclass
-class Loaded:
-    predictor: Predictor
-    params: float | None  # millions
-    size_mb: float
-    gpu: bool
+def split_backends(names: list[str] | None) -> list[str] | None:
+    """`["ort-int8,pytorch"]` or `["ort-int8", "pytorch"]` -> canonical names; None keeps all."""
+    from fakd_deploy.deploy.backends import resolve_backend
 
-
-def _checkpoint_names(run: Path) -> dict[Path, str]:
-    names = {}
-    if (run / "teacher" / "best.pt").exists():
-        names[run / "teacher" / "best.pt"] = "teacher"
-    for path in sorted((run / "students").glob("*/best.pt")):
-        names[path] = path.parent.name
-    return names
-
-
-def _artifact_kind(path: Path) -> tuple[str, str] | None:
-    """(backend, precision) from a deploy file name; intermediates such as X.trt-int8.onnx: None."""
-    if path.suffix == ".engine":
-        precision = path.suffixes[-2].lstrip(".") if len(path.suffixes) > 1 else None
-        return ("tensorrt", precision) if precision in ("fp32", "fp16", "int8") else None
-    if path.name.endswith(".int8.onnx"):
-        return "onnxruntime", "int8"
-    if path.suffix == ".onnx" and len(path.suffixes) == 1:
-        return "onnxruntime", "fp32"
-    return None
+    if not names:
+        return None
+    keys = [key.strip() for name in names for key in name.split(",") if key.strip()]
+    return [key if key == PYTORCH else resolve_backend(key).name for key in keys]
 
 
 def _source_sha(path: Path) -> str | None:
     """The checkpoint hash an artifact records, or None when it cannot be read."""
-    from fakd_deploy.deploy.export import read_metadata
-    from fakd_deploy.deploy.trt import load_sidecar
+    from fakd_deploy.artifacts import stored_metadata
 
     try:
-        meta = load_sidecar(path)["metadata"] if path.suffix == ".engine" else read_metadata(path)
-    except Exception:
+        return stored_metadata(path).get("checkpoint_sha256")
+    except FakdError:
         return None
-    return meta.get("checkpoint_sha256")
 
 
-def discover(run: str | Path) -> list[Candidate]:
+def file_candidates(path: Path, model: str, backends: list[str] | None) -> list[Candidate]:
+    """The rows one file gives: a checkpoint on PyTorch; an ONNX model or engine on every
+    backend that runs that kind of artifact (only those usable here unless asked for)."""
+    from fakd_deploy.deploy.backends import BACKENDS, runs_artifact, unavailable_reason
+
+    if path.suffix in (".pt", ".pth"):
+        return [Candidate(model, PYTORCH, path)] if backends is None or PYTORCH in backends else []
+    rows = []
+    for name, backend in BACKENDS.items():
+        if not runs_artifact(backend, path):
+            continue
+        wanted = name in backends if backends is not None else unavailable_reason(backend) is None
+        if wanted:
+            rows.append(Candidate(model, name, path))
+    return rows
+
+
+def candidates(run: RunFolder, backends: list[str] | None = None) -> list[Candidate]:
     """Checkpoints first (teacher, students), then deploy artifacts named after their source."""
-    run = Path(run)
-    checkpoints = _checkpoint_names(run)
-    by_sha = {file_sha256(path): name for path, name in checkpoints.items()}
-    artifacts = []
-    for path in sorted((run / "deploy").glob("*")):
-        kind = _artifact_kind(path)
-        if kind:
-            model = by_sha.get(_source_sha(path) or "", path.name.split(".")[0])
-            artifacts.append(Candidate(model, *kind, path))
-    artifacts.sort(key=lambda c: (c.model, ORDER.index(backend_key(c))))
-    return [Candidate(name, "pytorch", "fp32", path) for path, name in checkpoints.items()] + artifacts
+    checkpoints = run.checkpoints()
+    by_sha = {file_sha256(path): name for name, path in checkpoints.items()}
+    found = [c for name, path in checkpoints.items() for c in file_candidates(path, name, backends)]
+    from fakd_deploy.deploy.backends import BACKENDS
+
+    artifacts = sorted(p for p in run.deploy.glob("*") if p.suffix in SUFFIXES) if run.deploy.is_dir() else []
+    deployed = [
+        c
+        for path in artifacts
+        for c in file_candidates(path, by_sha.get(_source_sha(path) or "", path.name.split(".")[0]), backends)
+    ]
+    order = list(BACKENDS)
+    return found + sorted(deployed, key=lambda c: (c.model, order.index(c.backend)))
 
 
-def split_backends(names: list[str] | None) -> list[str] | None:
-    """`["ort-int8,pytorch"]` or `["ort-int8", "pytorch"]` -> checked names; None keeps all."""
-    if not names:
-        return None
-    keys = [key.strip() for name in names for key in name.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in ORDER]
-    if unknown:
-        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from: {', '.join(ORDER)}")
-    return keys
+def _size_mb(path: Path) -> float:
+    return path.stat().st_size / 2**20
 
 
-def backend_key(candidate: Candidate) -> str:
-    """The name `backends=` filters on: pytorch, ort-fp32, ort-int8, trt-fp16..."""
-    if candidate.backend == "pytorch":
-        return "pytorch"
-    prefix = "ort" if candidate.backend == "onnxruntime" else "trt"
-    return f"{prefix}-{candidate.precision}"
+def bench_one(
+    candidate: Candidate,
+    data: ValBatches,
+    num_classes: int,
+    ignore_index: int,
+    size: tuple[int, int] | None,
+    cfg: BenchConfig,
+) -> dict[str, Any]:
+    """One row; a load failure and a run failure each get their own status."""
+    from fakd_deploy.deploy.backends import BACKENDS, unavailable_reason
 
-
-def _load_pytorch(path: Path, threads: int | None) -> Loaded:
-    from fakd_deploy.evaluate import TorchPredictor
-    from fakd_deploy.models import model_from_checkpoint
-    from fakd_deploy.utils import resolve_device
-
-    model = model_from_checkpoint(path)
-    device = resolve_device("auto")
-    tensors = [*model.parameters(), *model.buffers()]
-    size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return Loaded(TorchPredictor(model, device), params, size, device.type == "cuda")
-
-
-def _onnx_params(path: Path) -> float:
-    model = onnx.load(str(path))
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer) / 1e6
-
-
-def _load_onnxruntime(path: Path, threads: int | None) -> Loaded:
-    from fakd_deploy.deploy.ort import OrtPredictor
-
-    predictor = OrtPredictor(path, threads=threads)
-    gpu = predictor.providers[0] == "CUDAExecutionProvider"
-    return Loaded(FixedSizePredictor(predictor, predictor.input_size), _onnx_params(path),
-                  path.stat().st_size / 2**20, gpu)
-
-
-def _load_tensorrt(path: Path, threads: int | None) -> Loaded:
-    from fakd_deploy.deploy.trt import TrtPredictor
-
-    predictor = TrtPredictor(path)
-    source = Path(predictor.sidecar["onnx"])
-    params = _onnx_params(source) if source.exists() else None
-    return Loaded(FixedSizePredictor(predictor, predictor.input_size), params,
-                  path.stat().st_size / 2**20, True)
-
-
-LOADERS: dict[str, Callable[[Path, int | None], Loaded]] = {
-    "pytorch": _load_pytorch, "onnxruntime": _load_onnxruntime, "tensorrt": _load_tensorrt}
-
-
-@dataclass
-class BenchData:
-    """The validation data every row sees, and how each row is timed."""
-
-    batches: Callable[[], Any]  # a fresh loader of (images, masks)
-    total: int  # batches per pass
-    images: int
-    num_classes: int
-    ignore_index: int
-    size: tuple[int, int] | None
-    batch: int
-    threads: int | None
-    iters: int | None
-    seconds: float
-    warmup_s: float
-
-    def timing_images(self, count: int) -> torch.Tensor:
-        images = []
-        for batch, _ in self.batches():
-            images.append(batch)
-            if sum(len(x) for x in images) >= count:
-                break
-        stacked = torch.cat(images)
-        stacked = stacked[torch.arange(count) % len(stacked)]
-        if self.size and tuple(stacked.shape[-2:]) != self.size:
-            stacked = F.interpolate(stacked, self.size, mode="bilinear", align_corners=False)
-        return stacked
-
-
-def bench_one(candidate: Candidate, data: BenchData) -> dict[str, Any]:
-    """One row; load failures give status `failed`, evaluation failures the middle status."""
+    backend = BACKENDS.get(candidate.backend)
     row: dict[str, Any] = {
-        "model": candidate.model, "backend": candidate.backend, "precision": candidate.precision,
-        "artifact": candidate.path.name, "status": STATUS_FAILED, "error": None, "miou": None,
-        "delta_miou": None, "pass": None, "latency_ms": None, "fps": None, "throughput": None,
-        "size_mb": None, "params": None, "peak_mem_mb": None, "device": None, "speedup": None}
-    with PeakMemory() as memory:
+        "model": candidate.model,
+        "backend": candidate.backend,
+        "runtime": backend.runtime if backend else PYTORCH,
+        "precision": backend.precision if backend else "fp32",
+        "artifact": candidate.path.name,
+        "status": STATUS_LOAD_FAILED,
+        "error": None,
+        "miou": None,
+        "delta_miou": None,
+        "pass": None,
+        "latency_ms": None,
+        "gpu_compute_ms": None,
+        "fps": None,
+        "throughput": None,
+        "size_mb": round(_size_mb(candidate.path), 3),
+        "peak_mem_mb": None,
+        "device": None,
+        "speedup": None,
+    }
+    reason = unavailable_reason(backend) if backend else None
+    if reason:
+        return {**row, "status": STATUS_SKIPPED, "error": reason}
+    gpu = bool(backend and backend.device == "cuda")
+    with PeakMemory(gpu=gpu) as memory:
         try:
-            loaded = LOADERS[candidate.backend](candidate.path, data.threads)
-        except Exception as error:
+            predictor, _ = open_predictor(
+                candidate.path, None if backend is None else backend.name, threads=cfg.threads
+            )
+        except FakdError as error:
             return {**row, "error": error_summary(error)}
-        row.update(size_mb=round(loaded.size_mb, 3), device="cuda" if loaded.gpu else "cpu",
-                   params=None if loaded.params is None else round(loaded.params, 4))
+        row["device"] = "cuda" if gpu or getattr(predictor, "on_gpu", False) else "cpu"
         try:
-            predictor = FixedSizePredictor(loaded.predictor, data.size)
-            result = evaluate(predictor, data.batches(), data.num_classes, data.ignore_index,
-                              mode=EvalMode(), total=data.total,
-                              description=f"{candidate.model} {backend_key(candidate)}")
-        except Exception as error:
-            return {**row, "status": STATUS_EVAL_FAILED, "error": error_summary(error)}
-    row.update(miou=round(result["miou"], 3), peak_mem_mb=round(memory.mb(loaded.gpu), 1))
+            scored = FixedSizePredictor(predictor, size)
+            result = evaluate(
+                scored,
+                data,
+                num_classes,
+                ignore_index,
+                total=len(data),
+                description=f"{candidate.model} {candidate.backend}",
+            )
+        except Exception as error:  # a runtime's own exception types; the row says which
+            return {**row, "status": STATUS_RUN_FAILED, "error": error_summary(error)}
+    row.update(miou=round(result["miou"], 3), peak_mem_mb=round(memory.mb(gpu), 1))
     try:
-        times = measure_latency(loaded.predictor, data.timing_images(1), data.warmup_s,
-                                data.seconds, data.iters)
-        stats = latency_stats(times)
+        one = timing_images(data, 1, size)
+        stats = latency_stats(measure_latency(predictor, one, cfg.warmup_s, cfg.seconds, cfg.iters))
         row.update(latency_ms=stats, fps=round(1000 / stats["mean"], 2))
-        if data.batch > 1:
-            batched = measure_latency(loaded.predictor, data.timing_images(data.batch),
-                                      data.warmup_s, data.seconds, data.iters)
-            row["throughput"] = round(data.batch * 1000 / float(np.mean(batched)), 2)
-    except Exception as error:
-        return {**row, "status": STATUS_EVAL_FAILED, "error": error_summary(error)}
+        engine = getattr(predictor, "predictor", predictor)  # the runtime inside the resizing wrapper
+        gpu_times = measure_gpu_compute(engine, one, cfg.warmup_s, cfg.seconds, cfg.iters)
+        if gpu_times:
+            row["gpu_compute_ms"] = latency_stats(gpu_times)
+        if cfg.batch > 1:
+            batched = measure_latency(
+                predictor, timing_images(data, cfg.batch, size), cfg.warmup_s, cfg.seconds, cfg.iters
+            )
+            row["throughput"] = round(cfg.batch * 1000 / float(np.mean(batched)), 2)
+    except Exception as error:  # as above
+        return {**row, "status": STATUS_RUN_FAILED, "error": error_summary(error)}
     return {**row, "status": STATUS_OK}
 
 
+def timing_images(data: ValBatches, count: int, size: tuple[int, int] | None) -> np.ndarray:
+    """`count` validation images at the model's input size, cycling if the split is smaller."""
+    from fakd_deploy.data.preprocess import resize_bilinear
+
+    images: list[np.ndarray] = []
+    for batch, _ in data:
+        images.extend(batch)
+        if len(images) >= count:
+            break
+    stacked = np.stack([images[i % len(images)] for i in range(count)])
+    return resize_bilinear(stacked, size) if size else stacked
+
+
 def add_deltas(rows: list[dict[str, Any]], tolerance: float) -> None:
-    """mIoU change and p50 speed-up of each row against the PyTorch FP32 row of the same model."""
-    reference = {row["model"]: row for row in rows
-                 if row["backend"] == "pytorch" and row["status"] == STATUS_OK}
-    for row in rows:
+    """mIoU change and p50 speed-up of each row against its model's reference row.
+
+    The reference is the PyTorch row of the same model or, where there is none (an edge
+    device without torch), its ONNX Runtime FP32 row on the CPU.
+    """
+    ok = [row for row in rows if row["status"] == STATUS_OK]
+    reference: dict[str, dict[str, Any]] = {}
+    for preferred in (PYTORCH, "ort-cpu-fp32"):
+        for row in ok:
+            if row["backend"] == preferred:
+                reference.setdefault(row["model"], row)
+    for row in ok:
         base = reference.get(row["model"])
-        if row["status"] != STATUS_OK or base is None:
+        if base is None:
             continue
+        row["reference"] = base["backend"]
         row["delta_miou"] = round(row["miou"] - base["miou"], 3)
         row["pass"] = abs(row["delta_miou"]) <= tolerance
         row["speedup"] = round(base["latency_ms"]["p50"] / row["latency_ms"]["p50"], 2)
@@ -249,63 +230,107 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gpu_name() -> str | None:
+    from fakd_deploy.deploy import cuda
+
+    return None if cuda.no_gpu_reason() else cuda.device_info()["gpu"]
+
+
 def _version(module: str) -> str:
     try:
-        return __import__(module).__version__
+        return str(__import__(module).__version__)
     except ImportError:
         return "not installed"
 
 
-def header(run: Path, data: BenchData, dataset: str) -> dict[str, Any]:
+def header(
+    title: str, recipe: Recipe, data: ValBatches, cfg: BenchConfig, size: tuple[int, int] | None
+) -> dict[str, Any]:
     """Where and how the numbers were measured."""
     return {
-        "run": str(run), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-        "cpu": _cpu_name(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else None, "threads": data.threads or torch.get_num_threads(), "batch": data.batch,
-        "input_size": list(data.size) if data.size else None, "dataset": dataset,
-        "val_images": data.images, "eval_mode": EvalMode().describe(),
-        "versions": {"fakd_deploy": __version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
-                     "tensorrt": _version("tensorrt"), "cuda": torch.version.cuda or "none"}}
+        "run": title,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_name(),
+        "gpu": _gpu_name(),
+        "threads": cfg.threads or os.cpu_count(),
+        "batch": cfg.batch,
+        "input_size": list(size) if size else None,
+        "dataset": recipe.data.name,
+        "root": recipe.data.root,
+        "split": data.split,
+        "val_images": data.images,
+        "eval_mode": "whole",
+        "timing": {
+            "latency_ms": "host latency: one call, copies and pre/post-processing included",
+            "gpu_compute_ms": "GPU compute: CUDA events around the run, inputs on the device",
+        },
+        "versions": {
+            "fakd_deploy": __version__,
+            "python": platform.python_version(),
+            "torch": _version("torch"),
+            "onnxruntime": _version("onnxruntime"),
+            "tensorrt": _version("tensorrt"),
+        },
+    }
 
 
-def bench_run(run_dir: str | Path, backends: list[str] | None = None, batch: int = 1,
-              threads: int | None = None, iters: int | None = None, seconds: float = 3.0,
-              warmup_s: float = 1.0, tolerance: float = 1.0,
-              max_images: int | None = None) -> dict[str, Any]:
-    """Benchmark every checkpoint and artifact of a run folder: `{"header": ..., "rows": [...]}`.
-
-    `backends` keeps only rows whose key (pytorch, ort-fp32, ort-int8, trt-fp16, ...) is listed.
-    """
-    from fakd_deploy.loaders import dataset_info, val_loader
-    from fakd_deploy.recipe import load_recipe
-
-    run = Path(run_dir)
-    if not (run / "recipe.yaml").exists():
-        raise FileNotFoundError(f"{run} has no recipe.yaml; is it a run folder written by `run`?")
-    recipe = load_recipe(run / "recipe.yaml")
+def bench_run(recipe: Recipe, found: list[Candidate], cfg: BenchConfig, title: str = "") -> dict[str, Any]:
+    """Benchmark candidates on the recipe's val split: `{"header": ..., "rows": [...]}`."""
     num_classes, _ = dataset_info(recipe.data)
     export = recipe.deploy.export
-    candidates = [c for c in discover(run) if backends is None or backend_key(c) in backends]
+    size = (export.height, export.width) if export.height and export.width else None
+    data = ValBatches(recipe.data, max_images=cfg.max_images)
+    rows = []
+    for candidate in found:
+        rows.append(bench_one(candidate, data, num_classes, recipe.data.ignore_index, size, cfg))
+        gc.collect()
+    add_deltas(rows, cfg.tolerance)
+    return {"header": header(title, recipe, data, cfg, size), "rows": rows}
 
-    def batches() -> Any:
-        return val_loader(recipe.data, batch_size=recipe.data.val_batch_size, max_images=max_images)
 
-    loader = batches()
-    data = BenchData(batches, len(loader), len(loader.dataset), num_classes,
-                     recipe.data.ignore_index,
-                     (export.height, export.width) if export.height and export.width else None,
-                     batch, threads, iters, seconds, warmup_s)
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        rows = []
-        for candidate in candidates:
-            rows.append(bench_one(candidate, data))
-            gc.collect()
-    finally:
-        torch.set_num_threads(previous_threads)
-    add_deltas(rows, tolerance)
-    return {"header": header(run, data, recipe.data.name), "rows": rows}
+def bench(
+    paths: list[Path],
+    backends: list[str] | None = None,
+    recipe: Path | None = None,
+    overrides: list[str] | None = None,
+    out: Path | None = None,
+    **options: Any,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The `bench` command: a run folder (every model in it), or model files given one by one.
+
+    `options` override the recipe's `bench` section (threads, seconds, iters, ...). The
+    report goes to `out`, else into the run folder (holding its lock), else `./bench`.
+    """
+    from fakd_deploy.deploy.report import write_report
+    from fakd_deploy.runfolder import RunLock
+
+    if not paths:
+        raise BadInput("bench needs a run folder or model files")
+    wanted = split_backends(backends)
+    if len(paths) == 1 and paths[0].is_dir():
+        run = RunFolder(paths[0])
+        if not run.recipe.is_file():
+            raise BadInput(f"{run.root} has no recipe.yaml; is it a run folder written by `run`?")
+        from fakd_deploy.recipe import load_recipe
+
+        cfg_recipe = load_recipe(recipe or run.recipe, overrides or [])
+        found, title = candidates(run, wanted), str(run.root)
+    else:
+        for path in paths:
+            if path.is_dir():
+                raise BadInput(f"{path} is a folder: give one run folder, or model files")
+        cfg_recipe = resolve_recipe(paths[0], recipe, overrides or [])
+        found = [c for path in paths for c in file_candidates(path, path.name.split(".")[0], wanted)]
+        title = ", ".join(str(p) for p in paths)
+    cfg = cfg_recipe.bench.model_copy(update={k: v for k, v in options.items() if v is not None})
+    if not found:
+        raise BadInput(
+            "nothing to benchmark: no model file matches the requested backends "
+            f"({', '.join(wanted) if wanted else 'all usable here'})"
+        )
+    if out is None and len(paths) == 1 and paths[0].is_dir():
+        with RunLock(RunFolder(paths[0])):
+            result = bench_run(cfg_recipe, found, cfg, title)
+            return result, write_report(result, paths[0])
+    result = bench_run(cfg_recipe, found, cfg, title)
+    return result, write_report(result, out or Path("bench"))

@@ -1,109 +1,159 @@
-"""One entry point that turns an exported FP32 ONNX model into any backend's artifact.
+"""Turn an exported FP32 ONNX model into any backend's artifact (see `backends.BACKENDS`).
 
-Artifacts sit beside the ONNX model, named after it: `X.onnx` -> `X.int8.onnx`,
-`X.fp16.engine` (+ `X.fp16.engine.json`), ...
+Cheap checks run first (the input file, the TensorRT installation), so a build that
+cannot succeed stops before minutes of calibration. Intermediate models a TensorRT build
+needs (`X.qdq.onnx`, `X.fp16.onnx`, `X.qdq.fp16.onnx`) are written beside the export, so
+the `trtexec` line in the engine's sidecar reproduces the engine from files that exist.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
-import torch
+import numpy as np
+import onnx
 
-from fakd_deploy.deploy.export import read_metadata
-from fakd_deploy.deploy.quantize import is_quantized, quantize_int8
+from fakd_deploy.deploy.backends import Backend, artifact_path, model_stem, resolve_backend
+from fakd_deploy.deploy.fp16 import to_fp16
+from fakd_deploy.deploy.onnx_meta import load_onnx, read_metadata
+from fakd_deploy.deploy.qdq import check_tensorrt_qdq
+from fakd_deploy.deploy.quantize import is_quantized, quantize_ort_int8, quantize_tensorrt_int8
+from fakd_deploy.errors import BadInput
 from fakd_deploy.utils import atomic_write
 
-CALIB_IMAGES = 32
+CalibImages = Iterable[np.ndarray] | None
 
 
-@dataclass
-class BuildJob:
-    """Inputs shared by every builder; calibration images are only read when INT8 needs them."""
-
-    onnx: Path
-    out: Path
-    calib_batches: Iterable[torch.Tensor] | None
-    calib_method: str
-    workspace_gb: float
-
-    def calibration(self) -> Iterable[torch.Tensor]:
-        """The given images, or `CALIB_IMAGES` training images of the recipe stored in the model."""
-        if self.calib_batches is not None:
-            return self.calib_batches
-        import yaml
-
-        from fakd_deploy.loaders import calibration_batches
-        from fakd_deploy.recipe import parse_recipe
-
-        recipe_text = read_metadata(self.onnx).get("recipe")
-        if not recipe_text:
-            raise ValueError(f"{self.onnx} stores no recipe, so INT8 calibration needs images "
-                             "(calib_batches)")
-        return calibration_batches(parse_recipe(yaml.safe_load(recipe_text)).data, CALIB_IMAGES)
+def _need_calibration(images: CalibImages, backend: Backend) -> Iterable[np.ndarray]:
+    if images is None:
+        raise BadInput(
+            f"{backend.name} needs calibration images: pass --recipe (its training "
+            "split is read through the val transform) or --calib N with a recipe"
+        )
+    return images
 
 
-def _ort_fp32(job: BuildJob) -> None:
-    if job.out.resolve() != job.onnx.resolve():
-        atomic_write(job.out, lambda tmp: shutil.copyfile(job.onnx, tmp))
+def _refuse_quantized(onnx_path: Path, backend: Backend) -> None:
+    if is_quantized(onnx_path):
+        raise BadInput(
+            f"{onnx_path} is already quantized; build {backend.name} from the exported "
+            f"FP32 model {model_stem(onnx_path)}.onnx"
+        )
 
 
-def _ort_int8(job: BuildJob) -> None:
-    quantize_int8(job.onnx, job.out, job.calibration(), job.calib_method, symmetric=False)
+def _usable_qdq(onnx_path: Path, backend: Backend) -> bool:
+    """True when the input is a Q/DQ model TensorRT accepts; `BadInput` for one it rejects."""
+    if not is_quantized(onnx_path):
+        return False
+    problems = check_tensorrt_qdq(load_onnx(onnx_path, load_external_data=False))
+    if problems:
+        fp32 = onnx_path.with_name(f"{model_stem(onnx_path)}.onnx")
+        raise BadInput(
+            f"{onnx_path} cannot be built for TensorRT: {problems[0]}"
+            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}. "
+            f"{model_stem(onnx_path)}.int8.onnx is the UINT8 model for ort-cpu-int8; build "
+            f"{backend.name} from the FP32 export instead: `fakd-deploy build {fp32} --backend "
+            f"{backend.name}` (it writes {model_stem(onnx_path)}.qdq.onnx for TensorRT)"
+        )
+    return True
 
 
-def _trt(precision: str) -> Callable[[BuildJob], None]:
-    def make(job: BuildJob) -> None:
-        from fakd_deploy.deploy.trt import build_engine, import_tensorrt
-
-        import_tensorrt()  # fail before spending minutes on calibration
-        source = job.onnx
-        if precision == "int8" and not is_quantized(source):
-            source = job.out.with_name(f"{_stem(job.onnx)}.trt-int8.onnx")
-            quantize_int8(job.onnx, source, job.calibration(), job.calib_method, symmetric=True)
-        build_engine(source, job.out, precision, job.workspace_gb, metadata=read_metadata(source))
-    return make
-
-
-@dataclass(frozen=True)
-class Backend:
-    suffix: str
-    make: Callable[[BuildJob], None]
-
-
-BACKENDS: dict[str, Backend] = {
-    "ort-fp32": Backend(".onnx", _ort_fp32),
-    "ort-int8": Backend(".int8.onnx", _ort_int8),
-    "trt-fp32": Backend(".fp32.engine", _trt("fp32")),
-    "trt-fp16": Backend(".fp16.engine", _trt("fp16")),
-    "trt-int8": Backend(".int8.engine", _trt("int8")),
-}
-
-
-def _stem(onnx_path: Path) -> str:
-    return onnx_path.name.removesuffix(".onnx").removesuffix(".int8")
-
-
-def artifact_path(onnx_path: str | Path, backend: str) -> Path:
-    """Where `build` writes a backend's artifact by default."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(_stem(onnx_path) + BACKENDS[backend].suffix)
-
-
-def build(onnx_path: str | Path, backend: str, out: str | Path | None = None,
-          calib_batches: Iterable[torch.Tensor] | None = None, calib_method: str = "minmax",
-          workspace_gb: float = 2) -> Path:
-    """Build the artifact of one backend from an exported ONNX model and return its path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
-    onnx_path = Path(onnx_path)
-    if not onnx_path.exists():
-        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
-    if backend != "trt-int8" and is_quantized(onnx_path):
-        raise ValueError(f"{onnx_path} is already quantized; build {backend} from the FP32 model")
-    target = Path(out) if out else artifact_path(onnx_path, backend)
-    BACKENDS[backend].make(BuildJob(onnx_path, target, calib_batches, calib_method, workspace_gb))
+def _copy(onnx_path: Path, target: Path) -> Path:
+    if target.resolve() != onnx_path.resolve():
+        atomic_write(target, lambda tmp: shutil.copyfile(onnx_path, tmp))
     return target
+
+
+def write_fp16(onnx_path: Path, target: Path) -> Path:
+    """FP16 copy of a model (plain or QDQ), FP32 inputs and outputs kept."""
+    model = to_fp16(load_onnx(onnx_path))
+    return atomic_write(target, lambda tmp: onnx.save_model(model, str(tmp)))
+
+
+def _qdq(onnx_path: Path, backend: Backend, images: CalibImages, method: str) -> Path:
+    """`X.qdq.onnx`: the given model if it already is one TensorRT accepts, else quantized now."""
+    if _usable_qdq(onnx_path, backend):
+        return onnx_path
+    target = onnx_path.with_name(f"{model_stem(onnx_path)}.qdq.onnx")
+    return quantize_tensorrt_int8(onnx_path, target, _need_calibration(images, backend), method)
+
+
+def _engine(
+    onnx_path: Path, backend: Backend, target: Path, images: CalibImages, method: str, workspace_gb: float
+) -> Path:
+    from fakd_deploy.deploy.trt import build_engine, build_plan, import_tensorrt
+
+    if backend.precision != "int8":
+        _refuse_quantized(onnx_path, backend)
+    elif not _usable_qdq(onnx_path, backend):  # refuses the UINT8 model before any GPU is touched
+        _need_calibration(images, backend)
+    trt = import_tensorrt()  # fail before spending minutes on calibration
+    plan = build_plan(trt.__version__, backend.precision)
+    stem = model_stem(onnx_path)
+    source = onnx_path
+    if plan.source == "fp16":
+        source = write_fp16(onnx_path, onnx_path.with_name(f"{stem}.fp16.onnx"))
+    elif plan.source.startswith("qdq"):
+        source = _qdq(onnx_path, backend, images, method)
+        if plan.source == "qdq-fp16":
+            source = write_fp16(source, onnx_path.with_name(f"{stem}.qdq.fp16.onnx"))
+    fp32 = onnx_path.with_name(f"{stem}.onnx")
+    metadata = read_metadata(fp32 if fp32.exists() else onnx_path)
+    return build_engine(
+        source,
+        target,
+        plan,
+        workspace_gb,
+        metadata=metadata,
+        source_onnx=fp32 if fp32.exists() else onnx_path,
+    )
+
+
+def build(
+    onnx_path: str | Path,
+    backend: str | Backend,
+    calib_images: CalibImages = None,
+    calib_method: str = "minmax",
+    out: str | Path | None = None,
+    workspace_gb: float = 2.0,
+) -> Path:
+    """Build the artifact of one backend from an exported ONNX model and return its path.
+
+    `calib_images` are (1, 3, H, W) float32 normalised training images, read only by
+    INT8 builds (which refuse to run without them).
+    """
+    spec = resolve_backend(backend)
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInput(f"ONNX model not found: {onnx_path}")
+    target = Path(out) if out else artifact_path(onnx_path, spec)
+    if spec.engine:
+        return _engine(onnx_path, spec, target, calib_images, calib_method, workspace_gb)
+    if spec.suffix == ".qdq.onnx":
+        source = _qdq(onnx_path, spec, calib_images, calib_method)
+        return _copy(source, target)
+    _refuse_quantized(onnx_path, spec)
+    if spec.suffix == ".int8.onnx":
+        return quantize_ort_int8(onnx_path, target, _need_calibration(calib_images, spec), calib_method)
+    if spec.suffix == ".fp16.onnx":
+        return write_fp16(onnx_path, target)
+    return _copy(onnx_path, target)
+
+
+def build_file(
+    onnx_path: Path, backend: str, recipe: Path | None = None, overrides: list[str] | None = None
+) -> Path:
+    """The `build` command: calibration images (INT8 only) come from the model's stored recipe,
+    or `recipe`, with `--set` overrides; FP32 and FP16 builds need no recipe at all."""
+    from fakd_deploy.artifacts import resolve_recipe
+    from fakd_deploy.loaders import calibration_images
+
+    spec = resolve_backend(backend)
+    if spec.precision != "int8":
+        if recipe is not None or overrides:
+            raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
+        return build(onnx_path, spec)
+    cfg = resolve_recipe(onnx_path, recipe, overrides or [])
+    return build(onnx_path, spec, calibration_images(cfg.data, cfg.deploy.calib), cfg.deploy.calib_method)

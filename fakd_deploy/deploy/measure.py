@@ -1,4 +1,11 @@
-"""Timing and memory measurement for the benchmark, free of any model or backend code."""
+"""Timing and memory measurement for the benchmark, free of any model or backend code.
+
+Two latencies, as trtexec reports them: `measure_latency` times whole Predictor calls
+(host latency: host-to-device copy, compute, copy back; the call returns host memory, so
+it has finished when it returns), and `measure_gpu_compute` asks a `GpuTimed` predictor
+for CUDA-event timings of the compute alone. GPU memory is read with cuda-python's
+`cudaMemGetInfo`, so no framework has to be imported to measure a runtime.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import torch
-
-from fakd_deploy.evaluate import Predictor
 
 MIN_ITERS = 20
 
@@ -55,17 +60,20 @@ class PeakMemory:
     Freed memory is returned to the OS first, so each block starts from what is live.
     """
 
-    def __init__(self, interval_s: float = 0.005) -> None:
+    def __init__(self, interval_s: float = 0.005, gpu: bool | None = None) -> None:
+        from fakd_deploy.deploy import cuda
+
         self.interval_s = interval_s
-        self.gpu = torch.cuda.is_available()
+        self.gpu = cuda.no_gpu_reason() is None if gpu is None else gpu
         self.peak = {"cpu": 0, "gpu": 0}
         self._stop = threading.Event()
 
     def _used(self) -> dict[str, int]:
         used = {"cpu": _rss_bytes(), "gpu": 0}
         if self.gpu:
-            free, total = torch.cuda.mem_get_info()
-            used["gpu"] = total - free
+            from fakd_deploy.deploy.cuda import memory_used
+
+            used["gpu"] = memory_used()
         return used
 
     def _sample(self) -> None:
@@ -75,8 +83,6 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         release_free_memory()
-        if self.gpu:
-            torch.cuda.empty_cache()
         self.base = self._used()
         self.peak = dict(self.base)
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -94,32 +100,48 @@ class PeakMemory:
         return max(self.peak[key] - self.base[key], 0) / 2**20
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def measure_latency(
+    predictor: Callable[[Any], Any],
+    images: Any,
+    warmup_s: float = 1.0,
+    seconds: float = 3.0,
+    iters: int | None = None,
+    min_iters: int = MIN_ITERS,
+) -> list[float]:
+    """Milliseconds per call: time-based warm-up, then `iters` calls or `seconds` of calls.
 
-
-def measure_latency(predictor: Predictor, images: torch.Tensor, warmup_s: float = 1.0,
-                    seconds: float = 3.0, iters: int | None = None,
-                    min_iters: int = MIN_ITERS) -> list[float]:
-    """Milliseconds per call: time-based warm-up, then `iters` calls or `seconds` of calls."""
+    Predictors return host arrays, so a call has finished (device work and copies
+    included) when it returns: no extra synchronisation is needed.
+    """
     predictor(images)
     warm_until = time.perf_counter() + warmup_s
     while time.perf_counter() < warm_until:
         predictor(images)
     times: list[float] = []
     deadline = time.perf_counter() + seconds
-    while (len(times) < iters if iters else
-           len(times) < min_iters or time.perf_counter() < deadline):
-        _sync()
+    while len(times) < iters if iters else len(times) < min_iters or time.perf_counter() < deadline:
         start = time.perf_counter()
         predictor(images)
-        _sync()
         times.append(1000 * (time.perf_counter() - start))
     return times
 
 
+def measure_gpu_compute(
+    predictor: Any, images: np.ndarray, warmup_s: float = 1.0, seconds: float = 3.0, iters: int | None = None
+) -> list[float] | None:
+    """GPU compute milliseconds per run for a `GpuTimed` predictor; None for any other."""
+    from fakd_deploy.deploy.backends import GpuTimed
+
+    if not isinstance(predictor, GpuTimed):
+        return None
+    return predictor.gpu_compute_ms(np.asarray(images, dtype=np.float32), warmup_s, seconds, iters)
+
+
 def latency_stats(times: list[float]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"mean": round(float(np.mean(times)), 3), "p50": round(float(p50), 3),
-            "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+    return {
+        "mean": round(float(np.mean(times)), 3),
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+    }

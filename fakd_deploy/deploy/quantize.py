@@ -1,30 +1,35 @@
-"""Static INT8 quantization with ONNX Runtime: one QDQ model for ORT and TensorRT alike.
+"""Static INT8 quantization with ONNX Runtime's quantizer: one flavour per runtime.
 
-Choices, and why (numbers in docs/deploy.md):
-- QDQ format, weights INT8 symmetric per channel (per-tensor scales lose accuracy on
-  depthwise and dilated convolutions for no speed gain).
-- Two flavours of activations. `symmetric=False` (ONNX Runtime): UINT8 with a zero
-  point, which lets ORT fold each ReLU into the quantization range; measured 2x faster
-  on x86 than symmetric INT8, where every ReLU stays as a float op between Q/DQ pairs.
-  `symmetric=True` (TensorRT): INT8 with zero point 0, the only explicit quantization
-  TensorRT accepts; it fuses the ReLUs itself.
-- The 1x1 classifier and what follows it (logit upsampling, argmax) stay in float: INT8
-  logits would be rounded to 256 levels before the argmax decides between classes.
-- No `quant_pre_process`: the exported graph is already folded by onnxslim, and the
-  pre-processing changed neither the graph nor the speed while adding seconds.
+Both write QDQ models calibrated on training images, with INT8 weights scaled per output
+channel (per-tensor weight scales lose accuracy on depthwise and dilated convolutions for
+no speed gain). The 1x1 classifier and what follows it (logit upsampling, argmax) stay in
+float: INT8 logits would be rounded to 256 levels before the argmax picks a class.
+
+- `quantize_ort_int8` (`X.int8.onnx`, backend ort-cpu-int8): UINT8 activations with a zero
+  point. ONNX Runtime then folds each ReLU into the quantization range; measured 2x faster
+  on x86 than symmetric INT8, where every ReLU stays a float op between Q/DQ pairs.
+  TensorRT cannot use this model (see `qdq.check_tensorrt_qdq`).
+- `quantize_tensorrt_int8` (`X.qdq.onnx`, backends trt-int8 and ort-trt-int8): the form
+  TensorRT's explicit quantization takes, with the options NVIDIA Model Optimizer passes to
+  this same quantizer (modelopt/onnx/quantization/ort_utils.py `configure_ort`): symmetric
+  INT8, zero point 0, `QuantizeBias: False` (onnx-tensorrt rejects a DequantizeLinear of an
+  INT32 bias), Q/DQ on the inputs of Conv/Gemm/MatMul and never on outputs, per-channel
+  weights on the output-channel axis. Residual Adds keep a Q/DQ on the skip input only, so
+  TensorRT can fuse the Add into the Conv; Concat inputs that are quantized share a scale.
+  Model Optimizer itself is not used: it requires torch and onnxruntime-gpu.
+
+No `quant_pre_process`: the exported graph is already folded by onnxslim, and the
+pre-processing changed neither the graph nor the speed while adding seconds.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import torch
-import torch.nn.functional as F
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -33,8 +38,17 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from fakd_deploy.deploy.export import read_metadata, write_metadata
-from fakd_deploy.utils import atomic_write, file_sha256
+from fakd_deploy.data.preprocess import resize_bilinear
+from fakd_deploy.deploy.onnx_meta import load_onnx, read_metadata, write_metadata
+from fakd_deploy.deploy.qdq import (
+    WEIGHTED,
+    check_tensorrt_qdq,
+    drop_input_qdq,
+    residual_main_inputs,
+    share_concat_scales,
+)
+from fakd_deploy.errors import BadInput, BuildError
+from fakd_deploy.utils import SCRATCH, atomic_write, file_sha256, temporary_files_in
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -43,11 +57,10 @@ METHODS = {
 }
 
 
-class _NoPreprocessHint(logging.Filter):
-    """Drops ORT's advice to run `quant_pre_process`, which measurably does nothing here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
+# ORT advises `quant_pre_process` unless a model carries this tag. The exported graph is
+# already folded (exporter + onnxslim) and pre-processing measurably changed nothing, so the
+# copy being quantized is tagged for the call and the tag is dropped from the result.
+PRE_PROCESSED = "onnx.quant.pre_process"
 
 
 class ImageReader(CalibrationDataReader):
@@ -62,21 +75,20 @@ class ImageReader(CalibrationDataReader):
         return None if batch is None else {self.input_name: batch}
 
 
-def calibration_feeds(images: Iterable[torch.Tensor], size: tuple[int, int],
-                      batch: int | None) -> list[np.ndarray]:
+def calibration_feeds(images: Iterable[Any], size: tuple[int, int], batch: int | None) -> list[np.ndarray]:
     """Calibration images resized to the model input and grouped to its batch size.
 
-    A static batch larger than the image count is filled by cycling through the images.
+    Each item is a (N, 3, H, W) float array (or anything `np.asarray` takes). A static
+    batch larger than the image count is filled by cycling through the images.
     """
-    resized = [F.interpolate(x.float(), size, mode="bilinear", align_corners=False)
-               if tuple(x.shape[-2:]) != tuple(size) else x.float() for x in images]
+    resized = [resize_bilinear(np.asarray(x, dtype=np.float32), size).astype(np.float32) for x in images]
     if not resized:
-        raise ValueError("INT8 calibration needs at least one image")
-    stacked = torch.cat(resized)
+        raise BadInput("INT8 calibration needs at least one image")
+    stacked = np.concatenate(resized)
     step = batch or 1
     total = -(-stacked.shape[0] // step) * step
-    stacked = stacked[torch.arange(total) % stacked.shape[0]]
-    return [stacked[i:i + step].numpy() for i in range(0, total, step)]
+    stacked = stacked[np.arange(total) % stacked.shape[0]]
+    return [np.ascontiguousarray(stacked[i : i + step]) for i in range(0, total, step)]
 
 
 def tail_nodes(model: onnx.ModelProto) -> list[str]:
@@ -110,48 +122,127 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             node.name = f"{node.op_type}_{index}"
 
 
-def quantize_int8(onnx_path: str | Path, out: str | Path, calib_images: Iterable[torch.Tensor],
-                  method: str = "minmax", symmetric: bool = False,
-                  exclude: list[str] | None = None) -> Path:
-    """Write a QDQ INT8 copy of an FP32 ONNX model, calibrated on `calib_images`.
-
-    `symmetric=True` gives the INT8/zero-point-0 form TensorRT needs; `exclude` adds node
-    names to keep in float beyond the default tail.
-    """
+def _quantize(
+    onnx_path: Path,
+    out: Path,
+    calib_images: Iterable[Any],
+    method: str,
+    flavour: str,
+    options: dict[str, Any],
+    finish: Any = None,
+) -> Path:
+    """Calibrate, quantize, post-process (`finish(model)`) and annotate; the file appears whole."""
     if method not in METHODS:
-        raise ValueError(f"calibration method '{method}' is not one of: {', '.join(METHODS)}")
-    onnx_path, out = Path(onnx_path), Path(out)
-    model = onnx.load(str(onnx_path))
+        raise BadInput(f"calibration method '{method}' is not one of: {', '.join(METHODS)}")
+    model = load_onnx(onnx_path)
     _name_nodes(model)
     batch, size = _input_shape(model)
     feeds = calibration_feeds(calib_images, size, batch)
     metadata: dict[str, Any] = {
-        **read_metadata(onnx_path), "precision": "int8", "calib_method": method,
-        "calib_images": sum(len(feed) for feed in feeds), "source_sha256": file_sha256(onnx_path),
-        "activations": "int8-symmetric" if symmetric else "uint8-asymmetric"}
-    hint = _NoPreprocessHint()
+        **read_metadata(onnx_path),
+        "precision": "int8",
+        "calib_method": method,
+        "calib_images": sum(len(feed) for feed in feeds),
+        "source_sha256": file_sha256(onnx_path),
+        "activations": flavour,
+    }
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, PRE_PROCESSED: "onnxruntime.quant"}
+    )
 
     def write(tmp: Path) -> None:
-        logging.getLogger().addFilter(hint)
-        try:
-            quantize_static(model, tmp, ImageReader(model.graph.input[0].name, feeds),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                            weight_type=QuantType.QInt8,
-                            nodes_to_exclude=tail_nodes(model) + list(exclude or []),
-                            calibrate_method=METHODS[method],
-                            extra_options={"ActivationSymmetric": symmetric,
-                                           "WeightSymmetric": True})
-        finally:
-            logging.getLogger().removeFilter(hint)
+        with temporary_files_in(out.parent / SCRATCH):  # ORT's calibration files, kept with the run
+            quantize_static(
+                model,
+                tmp,
+                ImageReader(model.graph.input[0].name, feeds),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                calibrate_method=METHODS[method],
+                **options,
+            )
         quantized = onnx.load(str(tmp))
+        kept = [p for p in quantized.metadata_props if p.key != PRE_PROCESSED]
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(kept)
+        if finish is not None:
+            finish(quantized)
         write_metadata(quantized, metadata)
         onnx.save_model(quantized, str(tmp))
 
     return atomic_write(out, write)
 
 
+def quantize_ort_int8(
+    onnx_path: str | Path,
+    out: str | Path,
+    calib_images: Iterable[Any],
+    method: str = "minmax",
+    exclude: list[str] | None = None,
+) -> Path:
+    """UINT8-activation QDQ model for ONNX Runtime on CPU (`X.int8.onnx`)."""
+    model = load_onnx(onnx_path, load_external_data=False)
+    _name_nodes(model)
+    options = {
+        "activation_type": QuantType.QUInt8,
+        "nodes_to_exclude": tail_nodes(model) + list(exclude or []),
+        "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
+    }
+    return _quantize(Path(onnx_path), Path(out), calib_images, method, "uint8-asymmetric", options)
+
+
+def tensorrt_nodes_to_quantize(model: onnx.ModelProto, exclude: list[str] | None = None) -> list[str]:
+    """Weighted layers (their inputs get Q/DQ) and residual Adds, minus the float tail."""
+    skip = set(tail_nodes(model)) | set(exclude or [])
+    residual = residual_main_inputs(model)
+    return [
+        node.name
+        for node in model.graph.node
+        if node.name not in skip and (node.op_type in WEIGHTED or node.name in residual)
+    ]
+
+
+def quantize_tensorrt_int8(
+    onnx_path: str | Path,
+    out: str | Path,
+    calib_images: Iterable[Any],
+    method: str = "minmax",
+    exclude: list[str] | None = None,
+) -> Path:
+    """TensorRT-conformant INT8 QDQ model (`X.qdq.onnx`); `BuildError` if a TensorRT rule fails."""
+    model = load_onnx(onnx_path, load_external_data=False)
+    _name_nodes(model)
+    residual = residual_main_inputs(model)
+    options = {
+        "activation_type": QuantType.QInt8,
+        "op_types_to_quantize": [*WEIGHTED, "Add"],
+        "nodes_to_quantize": tensorrt_nodes_to_quantize(model, exclude),
+        "extra_options": {
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            "AddQDQPairToWeight": True,
+            "DedicatedQDQPair": False,
+            "ForceQuantizeNoInputCheck": True,
+            "OpTypesToExcludeOutputQuantization": sorted({n.op_type for n in model.graph.node}),
+            "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+        },
+    }
+
+    def finish(quantized: onnx.ModelProto) -> None:
+        drop_input_qdq(quantized, residual)
+        share_concat_scales(quantized)
+        problems = check_tensorrt_qdq(quantized)
+        if problems:
+            raise BuildError(
+                f"the INT8 model for TensorRT breaks {len(problems)} rule(s): " + "; ".join(problems)
+            )
+
+    return _quantize(Path(onnx_path), Path(out), calib_images, method, "int8-symmetric", options, finish)
+
+
 def is_quantized(onnx_path: str | Path) -> bool:
-    """True for a QDQ model (the form TensorRT builds INT8 engines from)."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    """True for a QDQ model."""
+    model = load_onnx(onnx_path, load_external_data=False)
     return any(node.op_type == "QuantizeLinear" for node in model.graph.node)

@@ -1,37 +1,63 @@
-"""The benchmark as a table on screen and as report.{json,csv,md,png} in the run folder."""
+"""The benchmark as a table on screen and as report.{json,csv,md,png} beside the models.
+
+The plot needs matplotlib, which the deploy-only install may lack: then report.png is
+left out (with a note) and the other three files are written as usual.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-from rich.console import Console
 from rich.table import Table
 
 from fakd_deploy.utils import atomic_write, save_json, save_text
 
+log = logging.getLogger(__name__)
+
 # (key in the flat row, column title)
 COLUMNS = [
-    ("model", "model"), ("backend", "backend"), ("precision", "precision"),
-    ("device", "device"), ("miou", "mIoU"), ("delta_miou", "ΔmIoU"), ("pass", "pass"),
-    ("latency_p50_ms", "p50 ms"), ("latency_p90_ms", "p90 ms"), ("latency_p99_ms", "p99 ms"),
-    ("speedup", "× torch"), ("fps", "FPS"), ("throughput", "img/s @B"), ("size_mb", "size MB"),
-    ("params", "params M"), ("peak_mem_mb", "peak mem MB"), ("status", "status"),
+    ("model", "model"),
+    ("backend", "backend"),
+    ("precision", "precision"),
+    ("device", "device"),
+    ("miou", "mIoU"),
+    ("delta_miou", "ΔmIoU"),
+    ("pass", "pass"),
+    ("latency_p50_ms", "p50 ms"),
+    ("latency_p90_ms", "p90 ms"),
+    ("latency_p99_ms", "p99 ms"),
+    ("gpu_p50_ms", "GPU p50 ms"),
+    ("speedup", "× ref"),
+    ("fps", "FPS"),
+    ("throughput", "img/s @B"),
+    ("size_mb", "size MB"),
+    ("peak_mem_mb", "peak mem MB"),
+    ("status", "status"),
 ]
-CSV_KEYS = [key for key, _ in COLUMNS] + ["latency_mean_ms", "artifact", "error"]
+CSV_KEYS = [key for key, _ in COLUMNS] + [
+    "latency_mean_ms",
+    "gpu_mean_ms",
+    "runtime",
+    "reference",
+    "artifact",
+    "error",
+]
 # The screen shows fewer columns than the files; device and versions are in the title.
-SCREEN_SKIP = {"device", "params", "peak_mem_mb"}
+SCREEN_SKIP = {"device", "peak_mem_mb"}
+TEXT_COLUMNS = {"model", "backend", "precision", "device", "status"}
 
 
 def flat(row: dict[str, Any]) -> dict[str, Any]:
     """A row with the latency percentiles as plain columns, for CSV and tables."""
-    latency = row.get("latency_ms") or {}
-    out = {key: value for key, value in row.items() if key != "latency_ms"}
-    for name in ("mean", "p50", "p90", "p99"):
-        out[f"latency_{name}_ms"] = latency.get(name)
+    out = {key: value for key, value in row.items() if key not in ("latency_ms", "gpu_compute_ms")}
+    for prefix, key in (("latency", "latency_ms"), ("gpu", "gpu_compute_ms")):
+        stats = row.get(key) or {}
+        for name in ("mean", "p50", "p90", "p99"):
+            out[f"{prefix}_{name}_ms"] = stats.get(name)
     return out
 
 
@@ -47,43 +73,51 @@ def _cell(value: Any) -> str:
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[int]:
     """Indices of ok rows that no other ok row beats on both latency (p50) and mIoU."""
-    points = [(i, row["latency_ms"]["p50"], row["miou"]) for i, row in enumerate(rows)
-              if row["status"] == "ok"]
-    return [i for i, lat, miou in points
-            if not any(l2 <= lat and m2 >= miou and (l2, m2) != (lat, miou)
-                       for _, l2, m2 in points)]
+    points = [
+        (i, row["latency_ms"]["p50"], row["miou"]) for i, row in enumerate(rows) if row["status"] == "ok"
+    ]
+    return [
+        i
+        for i, lat, miou in points
+        if not any(l2 <= lat and m2 >= miou and (l2, m2) != (lat, miou) for _, l2, m2 in points)
+    ]
 
 
 def _title(header: dict[str, Any]) -> str:
     versions = header.get("versions", {})
     size = header.get("input_size")
-    return (f"{header.get('dataset')} val ({header.get('val_images')} images"
-            f"{f', {size[0]}x{size[1]}' if size else ''}) | CPU {header.get('cpu')}, "
-            f"{header.get('threads')} threads | GPU {header.get('gpu') or 'none'} | torch "
-            f"{versions.get('torch')}, onnxruntime {versions.get('onnxruntime')}, TensorRT "
-            f"{versions.get('tensorrt')}")
+    return (
+        f"{header.get('dataset')} {header.get('split', 'val')} ({header.get('val_images')} images"
+        f"{f', {size[0]}x{size[1]}' if size else ''}) | CPU {header.get('cpu')}, "
+        f"{header.get('threads')} threads | GPU {header.get('gpu') or 'none'} | torch "
+        f"{versions.get('torch')}, onnxruntime {versions.get('onnxruntime')}, TensorRT "
+        f"{versions.get('tensorrt')}"
+    )
 
 
-def print_report(result: dict[str, Any], console: Console | None = None) -> None:
-    """The rich table, then one line per failed row with its error."""
-    from fakd_deploy.progress import console as default_console
-
-    console = console or default_console
+def report_table(result: dict[str, Any]) -> Table:
+    """The rich table of the rows, with the columns that have a value somewhere."""
     rows = [flat(row) for row in result["rows"]]
-    columns = [(key, title) for key, title in COLUMNS if key not in SCREEN_SKIP
-               and any(row.get(key) is not None for row in rows)]
+    columns = [
+        (key, title)
+        for key, title in COLUMNS
+        if key not in SCREEN_SKIP and any(row.get(key) is not None for row in rows)
+    ]
     table = Table(title=_title(result["header"]))
     for key, title in columns:
-        table.add_column(title, no_wrap=key in {"model", "backend", "precision"},
-                         justify="left" if key in {"model", "backend", "precision", "status"}
-                         else "right")
+        table.add_column(
+            title,
+            no_wrap=key in {"model", "backend", "precision"},
+            justify="left" if key in TEXT_COLUMNS else "right",
+        )
     for row in rows:
         table.add_row(*(_cell(row.get(key)) for key, _ in columns))
-    console.print(table)
-    for row in result["rows"]:
-        if row.get("error"):
-            console.print(f"[red]{row['model']} {row['backend']} {row['precision']}:[/red] "
-                          f"{row['error']}")
+    return table
+
+
+def row_errors(result: dict[str, Any]) -> list[str]:
+    """One line per row that did not run, with why."""
+    return [f"{row['model']} {row['backend']}: {row['error']}" for row in result["rows"] if row.get("error")]
 
 
 def to_csv(result: dict[str, Any]) -> str:
@@ -96,23 +130,38 @@ def to_csv(result: dict[str, Any]) -> str:
 
 def to_markdown(result: dict[str, Any]) -> str:
     header = result["header"]
-    lines = [f"# Benchmark: {header.get('run')}", "", f"{_title(header)}", "",
-             f"Measured {header.get('date')}; batch {header.get('batch')}; evaluation "
-             f"{header.get('eval_mode')}; CUDA {header.get('versions', {}).get('cuda')}.", "",
-             "| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "|".join("---" if key in {"model", "backend", "precision", "device", "status"}
-                            else "---:" for key, _ in COLUMNS) + "|"]
+    lines = [
+        f"# Benchmark: {header.get('run')}",
+        "",
+        f"{_title(header)}",
+        "",
+        f"Measured {header.get('date')}; batch {header.get('batch')}; evaluation "
+        f"{header.get('eval_mode')}. Latency is host latency (one call, copies and pre/post-"
+        "processing included); GPU p50 is GPU compute time (CUDA events, inputs on the device); "
+        "× ref is the p50 speed-up over the model's PyTorch row (or its ONNX Runtime CPU FP32 "
+        "row where there is none).",
+        "",
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + "|".join("---" if key in TEXT_COLUMNS else "---:" for key, _ in COLUMNS) + "|",
+    ]
     for row in map(flat, result["rows"]):
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
     errors = [row for row in result["rows"] if row.get("error")]
     if errors:
         lines += ["", "Errors:", ""]
-        lines += [f"- {r['model']} {r['backend']} {r['precision']}: `{r['error']}`" for r in errors]
+        lines += [f"- {r['model']} {r['backend']}: `{r['error']}`" for r in errors]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Latency p50 against mIoU, one labelled point per ok row, the Pareto front joined."""
+    """Latency p50 against mIoU, one labelled point per ok row, the Pareto front joined.
+
+    Latency is in plain milliseconds on a log axis when the rows span more than 10x;
+    labels sit beside their points and the legend goes where no point is.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     rows = result["rows"]
     ok = [row for row in rows if row["status"] == "ok"]
     front = sorted((rows[i] for i in pareto_front(rows)), key=lambda r: r["latency_ms"]["p50"])
@@ -121,18 +170,37 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for row in ok:
         x, y = row["latency_ms"]["p50"], row["miou"]
         axes.scatter(x, y, color="tab:blue", zorder=3)
-        axes.annotate(f"{row['model']} {row['backend']} {row['precision']}", (x, y),
-                      textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axes.annotate(
+            f"{row['model']} {row['backend']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     if front:
-        axes.plot([r["latency_ms"]["p50"] for r in front], [r["miou"] for r in front],
-                  drawstyle="steps-post", color="tab:red", label="Pareto front", zorder=2)
-        axes.scatter([r["latency_ms"]["p50"] for r in front], [r["miou"] for r in front],
-                     facecolors="none", edgecolors="tab:red", s=140, zorder=4)
-        axes.legend(loc="lower right")
+        axes.plot(
+            [r["latency_ms"]["p50"] for r in front],
+            [r["miou"] for r in front],
+            drawstyle="steps-post",
+            color="tab:red",
+            label="Pareto front",
+            zorder=2,
+        )
+        axes.scatter(
+            [r["latency_ms"]["p50"] for r in front],
+            [r["miou"] for r in front],
+            facecolors="none",
+            edgecolors="tab:red",
+            s=140,
+            zorder=4,
+        )
+        axes.legend(loc="best", frameon=True, framealpha=0.9)
     latencies = [row["latency_ms"]["p50"] for row in ok]
     if latencies and max(latencies) > 10 * min(latencies):
         axes.set_xscale("log")
-    axes.set_xlabel("latency p50 (ms, batch 1)")
+        axes.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes.xaxis.set_minor_locator(LogLocator(subs="auto"))
+        axes.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    if latencies:
+        axes.set_xlim(min(latencies) / 1.3, max(latencies) * 1.6)  # room for the labels
+    axes.set_xlabel("latency p50 (ms, batch 1, host)")
     axes.set_ylabel("mIoU (%)")
     axes.set_title(_title(result["header"]), fontsize=8)
     axes.grid(alpha=0.3)
@@ -140,9 +208,17 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """report.json, report.csv, report.md and report.png in `out_dir`."""
+    """report.json, report.csv, report.md and (with matplotlib) report.png in `out_dir`."""
     out_dir = Path(out_dir)
-    return {"json": save_json(result, out_dir / "report.json"),
-            "csv": save_text(to_csv(result), out_dir / "report.csv"),
-            "md": save_text(to_markdown(result), out_dir / "report.md"),
-            "png": plot(result, out_dir / "report.png")}
+    written = {
+        "json": save_json(result, out_dir / "report.json"),
+        "csv": save_text(to_csv(result), out_dir / "report.csv"),
+        "md": save_text(to_markdown(result), out_dir / "report.md"),
+    }
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.info("report.png left out: matplotlib is not installed")
+        return written
+    written["png"] = plot(result, out_dir / "report.png")
+    return written

@@ -6,43 +6,23 @@ A term with lam0 > 0 is FAKD: it augments the student's features with the class
 covariance kept by a `ClassCovariance` (updated every training step) and minimises the
 closed-form bound from `fakd.py`, with lam = lam0 * progress (ISDA's linear ramp).
 
-Adding a distillation method is one function with the `TermLoss` signature below and
-one line in `LOSSES`.
+A term is the recipe's `LossTerm`. Adding a distillation method is one function with
+the `TermFn` signature below and one line in `LOSSES` (and its name in the recipe's
+`LossName`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from fakd_deploy.distill import fakd, losses
-
-
-class Term(Protocol):
-    """What the distiller reads from a loss term (the recipe's pydantic model fits it)."""
-
-    loss: str
-    weight: float
-    tau: float
-    lam0: float
-    bound: str
-    diagonal: bool
-
-
-@dataclass
-class LossTerm:
-    """One distillation term for library use and tests; `lam0 > 0` turns on FAKD."""
-
-    loss: str
-    weight: float = 1.0
-    tau: float = 1.0
-    lam0: float = 0.0
-    bound: Literal["pairwise", "marginal"] = "marginal"
-    diagonal: bool = True
+from fakd_deploy.errors import BadInput
+from fakd_deploy.recipe import LossTerm
 
 
 @dataclass
@@ -61,82 +41,98 @@ class Pair:
     ignore_index: int
 
 
-def kd_term(pair: Pair, term: Term, covariance: Tensor | None, lam: float) -> Tensor:
+def kd_term(pair: Pair, term: LossTerm, covariance: Tensor | None, lam: float) -> Tensor:
     if covariance is None:
         return losses.kd_loss(pair.student, pair.teacher, term.tau, pair.labels, pair.ignore_index)
-    return fakd.kd_loss(pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam,
-                        term.tau, term.bound, pair.ignore_index)
+    return fakd.kd_loss(
+        pair.student,
+        pair.teacher,
+        pair.weight,
+        covariance,
+        pair.labels,
+        lam,
+        term.tau,
+        term.bound,
+        pair.ignore_index,
+    )
 
 
-def cwd_term(pair: Pair, term: Term, covariance: Tensor | None, lam: float) -> Tensor:
+def cwd_term(pair: Pair, term: LossTerm, covariance: Tensor | None, lam: float) -> Tensor:
     if covariance is None:
         return losses.cwd_loss(pair.student, pair.teacher, term.tau)
-    return fakd.cwd_loss(pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam,
-                         term.tau, pair.ignore_index)
+    return fakd.cwd_loss(
+        pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam, term.tau, pair.ignore_index
+    )
 
 
-def mse_term(pair: Pair, term: Term, covariance: Tensor | None, lam: float) -> Tensor:
+def mse_term(pair: Pair, term: LossTerm, covariance: Tensor | None, lam: float) -> Tensor:
     if covariance is None:
         return losses.mse_loss(pair.student, pair.teacher)
-    return fakd.mse_loss(pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam,
-                         pair.ignore_index)
+    return fakd.mse_loss(
+        pair.student, pair.teacher, pair.weight, covariance, pair.labels, lam, pair.ignore_index
+    )
 
 
 # (pair, term, covariance or None for a plain term with lam0 = 0, current lam) -> loss
-TermLoss = Callable[[Pair, Term, Tensor | None, float], Tensor]
+TermFn = Callable[[Pair, LossTerm, Tensor | None, float], Tensor]
 
-
-class Loss(NamedTuple):
-    """A registered term: its function and whether it compares logits or adapted features."""
-
-    fn: TermLoss
-    on: Literal["logits", "features"]
-
-
-LOSSES: dict[str, Loss] = {
-    "kd": Loss(kd_term, "logits"),
-    "cwd": Loss(cwd_term, "logits"),
-    "cwd_feat": Loss(cwd_term, "features"),
-    "mse_feat": Loss(mse_term, "features"),
+# name -> (its function, whether it compares logits or features through a 1x1 adapter)
+LOSSES: dict[str, tuple[TermFn, Literal["logits", "features"]]] = {
+    "kd": (kd_term, "logits"),
+    "cwd": (cwd_term, "logits"),
+    "cwd_feat": (cwd_term, "features"),
+    "mse_feat": (mse_term, "features"),
 }
 
 
 class Distiller(nn.Module):
     """Student, optional frozen teacher, adapters and class-covariance estimators.
 
-    The teacher is kept out of the module registry, so it is in neither `parameters()`
-    nor `state_dict()` (checkpoints hold the student, adapters and estimators only);
-    it stays in eval mode without gradients and follows `.to(device)`.
+    The teacher is a registered submodule, frozen: no gradients, always in eval mode (see
+    `train`), and left out of `state_dict()`: a checkpoint holds the student, adapters and
+    estimators; the teacher has a checkpoint of its own. It follows `.to(device)` as any
+    submodule does.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, terms: Sequence[Term],
-                 num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        terms: Sequence[LossTerm],
+        num_classes: int,
+        ignore_index: int = 255,
+        aux_weight: float = 0.4,
+    ) -> None:
         super().__init__()
-        check_terms(terms, teacher)
+        if terms and teacher is None:
+            raise BadInput("distillation terms need a teacher (a 'teacher' section in the recipe)")
         self.student = student
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.terms = list(terms)
         self.names = term_names(self.terms)
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher)
-        self.adapters = nn.ModuleDict({
-            name: nn.Conv2d(student.feat_dim, teacher.feat_dim, 1)
-            for name, term in zip(self.names, self.terms, strict=True)
-            if LOSSES[term.loss].on == "features"})
-        self.estimators = nn.ModuleDict({
-            estimator_key(term): fakd.ClassCovariance(num_classes, student.feat_dim, term.diagonal)
-            for term in self.terms if term.lam0 > 0})
+        self.adapters = nn.ModuleDict(
+            {
+                name: nn.Conv2d(student.feat_dim, teacher.feat_dim, 1)
+                for name, term in zip(self.names, self.terms, strict=True)
+                if teacher is not None and LOSSES[term.loss][1] == "features"
+            }
+        )
+        self.estimators = nn.ModuleDict(
+            {
+                estimator_key(term): fakd.ClassCovariance(num_classes, student.feat_dim, term.diagonal)
+                for term in self.terms
+                if term.lam0 > 0
+            }
+        )
+        self.register_state_dict_post_hook(_without_teacher)
+        self.register_load_state_dict_pre_hook(_with_own_teacher)
 
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Distiller:
-        """Move or cast the unregistered teacher along with everything else."""
-        if self._teacher is not None:
-            self._teacher._apply(fn)
-        return super()._apply(fn, recurse)
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     def forward(self, images: Tensor, labels: Tensor, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and every term, detached, for logging ("ce", "aux", "kd", "kd.lam", ...).
@@ -166,46 +162,49 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_forward(self, images: Tensor) -> Any:
         """The teacher's outputs (logits and features), or None when nothing is distilled."""
-        if self._teacher is None or not self.terms:
+        if self.teacher is None or not self.terms:
             return None
-        return self._teacher.forward_train(images)
+        return self.teacher.forward_train(images)
 
     def update_estimators(self, features: Tensor, labels: Tensor) -> None:
         for estimator in self.estimators.values():
             estimator.update(features, labels, self.ignore_index)
 
-    def term_loss(self, name: str, term: Term, out: Any, teacher_out: Any, labels: Tensor,
-                  lam: float) -> Tensor:
+    def term_loss(
+        self, name: str, term: LossTerm, out: Any, teacher_out: Any, labels: Tensor, lam: float
+    ) -> Tensor:
         """One term's value; FAKD (lam0 > 0) passes the shared estimator's covariance."""
         covariance = self.estimators[estimator_key(term)].covariance if term.lam0 > 0 else None
         pair = self.pair(name, term, out, teacher_out, labels)
-        return LOSSES[term.loss].fn(pair, term, covariance, lam)
+        return LOSSES[term.loss][0](pair, term, covariance, lam)
 
-    def pair(self, name: str, term: Term, out: Any, teacher_out: Any, labels: Tensor) -> Pair:
+    def pair(self, name: str, term: LossTerm, out: Any, teacher_out: Any, labels: Tensor) -> Pair:
         """Logits and classifier rows, or adapted features and adapter rows, for one term."""
-        if LOSSES[term.loss].on == "features":
+        if LOSSES[term.loss][1] == "features":
             adapter = self.adapters[name]
             student, weight = adapter(out.features.float()), adapter.weight[:, :, 0, 0]
             teacher = teacher_out.features
         else:
             student, weight = out.logits.float(), self.student.classifier.weight[:, :, 0, 0]
             teacher = teacher_out.logits
-        return Pair(student, losses.resize_like(teacher.float(), student), weight.float(), labels,
-                    self.ignore_index)
+        return Pair(
+            student, losses.resize_like(teacher.float(), student), weight.float(), labels, self.ignore_index
+        )
 
 
-def check_terms(terms: Sequence[Term], teacher: nn.Module | None) -> None:
-    """Fail at construction, not mid-training, on an unknown loss or bound or a missing teacher."""
-    for term in terms:
-        if term.loss not in LOSSES:
-            raise ValueError(f"unknown loss '{term.loss}'; known: {', '.join(LOSSES)}")
-        if term.bound not in ("pairwise", "marginal"):
-            raise ValueError(f"bound must be 'pairwise' or 'marginal', not '{term.bound}'")
-    if terms and teacher is None:
-        raise ValueError("distillation terms need a teacher")
+def _without_teacher(module: Distiller, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    for key in [key for key in state if key.startswith(f"{prefix}teacher.")]:
+        del state[key]
 
 
-def term_names(terms: Sequence[Term]) -> list[str]:
+def _with_own_teacher(module: Distiller, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A saved distiller has no teacher entries: load keeps the teacher it was built with."""
+    if module.teacher is not None:
+        for key, value in module.teacher.state_dict(prefix=f"{prefix}teacher.").items():
+            state.setdefault(key, value)
+
+
+def term_names(terms: Sequence[LossTerm]) -> list[str]:
     """Log keys: the loss name, numbered from the second occurrence on ("kd", "kd2", ...)."""
     names = []
     for i, term in enumerate(terms):
@@ -214,6 +213,6 @@ def term_names(terms: Sequence[Term]) -> list[str]:
     return names
 
 
-def estimator_key(term: Term) -> str:
+def estimator_key(term: LossTerm) -> str:
     """FAKD terms share one estimator per covariance kind: they see the same features."""
     return "diagonal" if term.diagonal else "full"

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fakd_deploy.distill import losses
 
-Bound = Literal["pairwise", "marginal"]
+Bound = Literal["pairwise", "marginal", "centred"]
 
 
 class ClassCovariance(nn.Module):
@@ -119,8 +119,9 @@ def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors,
-                                               strict=True)]
+    return [
+        part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+    ]
 
 
 def class_variances(weight: Tensor, covariance: Tensor) -> Tensor:
@@ -146,37 +147,51 @@ def pair_variances(weight: Tensor, covariance: Tensor) -> Tensor:
     return s[:, :, None] + s[:, None, :] - 2 * gram
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, weight: Tensor, covariance: Tensor,
-            labels: Tensor, lam: float, tau: float = 1.0, bound: Bound = "pairwise",
-            ignore_index: int = 255) -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weight: Tensor,
+    covariance: Tensor,
+    labels: Tensor,
+    lam: float,
+    tau: float = 1.0,
+    bound: Bound = "pairwise",
+    ignore_index: int = 255,
+) -> Tensor:
     """Upper bound of E[tau^2 KL(p || softmax(z~/tau))], mean over non-ignored pixels.
 
     With p = softmax(z^T/tau), a = lam / (2 tau^2) and y the pixel's label:
       pairwise: tau^2 [sum_k p_k log sum_j exp((z_j - z_k)/tau + a q_y(j,k)) - H(p)]
       marginal: tau^2 [-sum_k p_k z_k/tau + log sum_j exp(z_j/tau + a s_y(j)) - H(p)]
-    Both are tau^2 sum_k p_k (log p_k - log q~_k) for an "augmented" log q~. pairwise costs
-    a K x K matrix per pixel: use marginal when K is large (ADE20K's 150 classes).
-    lam = 0 runs the same operations as `losses.kd_loss`, so it returns the plain loss.
+      centred:  marginal with s_y(j) from the centred rows w_j - (1/K) sum_k w_k
+    All are tau^2 sum_k p_k (log p_k - log q~_k) for an "augmented" log q~. Rows W - 1 v^T give
+    z~ - (v^T delta) 1, which the softmax cannot tell from z~: the expectation is the same for
+    every v, so marginal on any shifted rows bounds it too, and centred picks v = the mean row.
+    The expectation, pairwise and centred are invariant to W -> W + 1 v^T; marginal is not.
+    pairwise costs a K x K matrix per pixel: use marginal or centred when K is large (ADE20K's
+    150 classes). lam = 0 runs the same operations as `losses.kd_loss`: the plain loss.
     """
     size = student_logits.shape[-2:]
     valid = losses.valid_pixels(labels, size, ignore_index)
     z = losses.pixel_rows(student_logits)[valid] / tau
     y = losses.resize_labels(labels, size).reshape(-1)[valid].long()
     scale = lam / (2 * tau**2)
-    if bound == "marginal":
-        shift = scale * class_variances(weight, covariance)[y]
+    if bound in ("marginal", "centred"):
+        rows = weight - weight.mean(0) if bound == "centred" else weight
+        shift = scale * class_variances(rows, covariance)[y]
         log_q = F.log_softmax(z + shift, dim=-1) - shift
     elif bound == "pairwise":
         shift = scale * pair_variances(weight, covariance)[y]  # (P, k, j)
         log_q = F.log_softmax(z[:, None, :] + shift, dim=-1).diagonal(dim1=1, dim2=2)
     else:
-        raise ValueError(f"bound must be 'pairwise' or 'marginal', not {bound!r}")
+        raise ValueError(f"bound must be 'pairwise', 'marginal' or 'centred', not {bound!r}")
     teacher = losses.pixel_rows(teacher_logits)[valid]
     return tau**2 * losses.mean_or_zero(losses.kl_rows(teacher, log_q, tau))
 
 
-def pixel_variances(weight: Tensor, covariance: Tensor, labels: Tensor, size: tuple[int, int],
-                    ignore_index: int) -> Tensor:
+def pixel_variances(
+    weight: Tensor, covariance: Tensor, labels: Tensor, size: tuple[int, int], ignore_index: int
+) -> Tensor:
     """s_{y_i}(j) for every pixel i (N*h*w, K); ignored pixels get 0 (they are not augmented)."""
     s = class_variances(weight, covariance)
     s = torch.cat([s, s.new_zeros(1, s.shape[1])])
@@ -184,8 +199,16 @@ def pixel_variances(weight: Tensor, covariance: Tensor, labels: Tensor, size: tu
     return s[torch.where(y == ignore_index, covariance.shape[0], y)]
 
 
-def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, weight: Tensor, covariance: Tensor,
-             labels: Tensor, lam: float, tau: float = 4.0, ignore_index: int = 255) -> Tensor:
+def cwd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weight: Tensor,
+    covariance: Tensor,
+    labels: Tensor,
+    lam: float,
+    tau: float = 4.0,
+    ignore_index: int = 255,
+) -> Tensor:
     """Upper bound of the expected channel-wise distillation loss over augmented students.
 
     Per image n and channel c, with phi^T_c = softmax_i(z^T_{c,i}/tau), a = lam / (2 tau^2):
@@ -201,8 +224,15 @@ def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, weight: Tensor, cov
     return tau**2 * losses.kl_rows(losses.channel_rows(teacher_logits), log_q, tau).mean()
 
 
-def mse_loss(student: Tensor, teacher: Tensor, weight: Tensor, covariance: Tensor, labels: Tensor,
-             lam: float, ignore_index: int = 255) -> Tensor:
+def mse_loss(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    covariance: Tensor,
+    labels: Tensor,
+    lam: float,
+    ignore_index: int = 255,
+) -> Tensor:
     """Exact expectation of the feature MSE over augmented students (no bound needed).
 
     E mean (U h~ + b - f^T)^2 = mean (U h + b - f^T)^2 + lam * mean_i tr(U Sigma_{y_i} U^T) / K,

@@ -59,14 +59,22 @@ def ce_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
     The logits are upsampled bilinearly to the label resolution (the usual practice:
     the ground truth keeps its full detail). An all-ignored batch gives 0, not NaN.
     """
-    logits = logits if logits.shape[-2:] == labels.shape[-2:] else F.interpolate(
-        logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    logits = (
+        logits
+        if logits.shape[-2:] == labels.shape[-2:]
+        else F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    )
     total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0,
-            labels: Tensor | None = None, ignore_index: int = 255) -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    tau: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
     """Pixel-wise KD: tau^2 * KL(softmax(z^T/tau) || softmax(z^S/tau)), mean over valid pixels.
 
     Both logits at the same (head) resolution. With `labels`, pixels whose
@@ -99,8 +107,9 @@ def mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student, teacher)
 
 
-def cwd_feat_loss(student_features: Tensor, teacher_features: Tensor, adapter: nn.Conv2d,
-                  tau: float = 4.0) -> Tensor:
+def cwd_feat_loss(
+    student_features: Tensor, teacher_features: Tensor, adapter: nn.Conv2d, tau: float = 4.0
+) -> Tensor:
     """CWD between U h (the student's features through a 1x1 adapter U) and the teacher's."""
     return cwd_loss(adapter(student_features), teacher_features, tau)
 

@@ -1,63 +1,114 @@
-"""Checkpoints: atomic saves, loads that say what is wrong, and import of weights trained elsewhere."""
+"""Checkpoints: one typed format, saved atomically and loaded without running any code.
+
+Loading uses `torch.load(weights_only=True)`: tensors and plain Python values only, so a
+crafted file cannot execute anything; it is refused with a message naming it. A checkpoint
+is a plain dict on disk (readable with `torch.load` elsewhere) and a `Checkpoint` here.
+"""
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fakd_deploy.errors import ArtifactError, WriteFailed
 from fakd_deploy.models.segmenter import Segmenter, build_model
-from fakd_deploy.utils import save_torch
+from fakd_deploy.utils import atomic_write
 
-REQUIRED_KEYS = ("model", "arch")
+FORMAT = "fakd-deploy checkpoint"
 # Keys under which training frameworks commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 SHOWN = 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ArtifactError):
     """A checkpoint or state dict that cannot be used; the message names the file and the problem."""
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Atomic, so a run killed mid-save keeps its previous checkpoint."""
-    return save_torch(payload, path)
+@dataclass
+class Checkpoint:
+    """A model's weights, how to rebuild it, and where it came from.
+
+    `best.pt` holds the student at its best validation; `last.pt` adds `training` (the
+    distiller's adapters and FAKD estimators, optimiser, scheduler, grad scaler, RNG state,
+    best metrics) so that an interrupted run resumes where it stopped.
+    """
+
+    model: dict[str, Tensor]
+    arch: dict[str, Any]
+    recipe: dict[str, Any] | None = None
+    class_names: list[str] | None = None
+    role: str = "student"
+    variant: str | None = None
+    seed: int | None = None
+    step: int = 0
+    complete: bool = True
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic, so a run killed mid-save keeps its previous checkpoint."""
+        payload = {"format": FORMAT, **asdict(self)}
+
+        def write(tmp: Path) -> None:
+            try:
+                torch.save(payload, tmp)
+            except RuntimeError as error:  # torch's zip writer reports a full disk this way
+                raise WriteFailed(f"cannot write {path}: {error} (is the disk full?)") from None
+
+        return atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        raw = read_tensors(path)
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict")
+        missing = [key for key in ("model", "arch") if key not in raw]
+        if missing:
+            raise CheckpointError(
+                f"{path} is not a fakd-deploy checkpoint: it lacks {missing} (it has {_shortlist(raw)}); "
+                "weights trained elsewhere are read by import_state_dict (teacher.weights in a recipe)"
+            )
+        known = {name: raw[name] for name in cls.__dataclass_fields__ if name in raw}
+        if not isinstance(known["arch"], dict) or not isinstance(known["model"], dict):
+            raise CheckpointError(f"{path}: 'arch' and 'model' must be mappings")
+        return cls(**known)
+
+    def build(self, source: str = "the checkpoint") -> Segmenter:
+        """The model with these weights, in eval mode."""
+        try:
+            model = build_model(**self.arch)
+        except TypeError as error:
+            raise CheckpointError(f"the arch of {source} is not a zoo model: {error}") from None
+        try:
+            model.load_state_dict(self.model)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"the weights of {source} do not fit its arch {self.arch}: {error}"
+            ) from None
+        return model.eval()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    checkpoint = _read(path)
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a fakd-deploy checkpoint: it lacks {missing} (it has {_shortlist(checkpoint)}); "
-            "weights trained elsewhere are read by import_state_dict (teacher.weights in a recipe)")
-    return checkpoint
+def load_model(path: str | Path) -> Segmenter:
+    """The model of a checkpoint file, in eval mode."""
+    return Checkpoint.load(path).build(str(path))
 
 
-def model_from_checkpoint(checkpoint: Mapping[str, Any] | str | Path) -> Segmenter:
-    """The checkpoint's model with its weights, in eval mode."""
-    source = "the checkpoint" if isinstance(checkpoint, Mapping) else str(checkpoint)
-    if not isinstance(checkpoint, Mapping):
-        checkpoint = load_checkpoint(checkpoint)
-    model = build_model(**checkpoint["arch"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"the weights of {source} do not fit its arch {checkpoint['arch']}: "
-                              f"{error}") from None
-    return model.eval()
-
-
-def import_state_dict(model: nn.Module, path_or_state: str | Path | Mapping[str, Any],
-                      strip_prefix: Iterable[str] = (), rename: Mapping[str, str] | None = None,
-                      allow_missing: bool = False, allow_unexpected: bool = False) -> dict[str, list[str]]:
+def import_state_dict(
+    model: nn.Module,
+    path_or_state: str | Path | Mapping[str, Any],
+    strip_prefix: Iterable[str] = (),
+    rename: Mapping[str, str] | None = None,
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+) -> dict[str, list[str]]:
     """Load weights trained elsewhere into `model`; returns {missing, unexpected, loaded} key lists.
 
     Keys are mapped in two steps: each prefix of `strip_prefix` is removed in order (e.g.
@@ -66,14 +117,20 @@ def import_state_dict(model: nn.Module, path_or_state: str | Path | Mapping[str,
     are an error that lists them unless allowed; a shape mismatch always is.
     """
     source = "the state dict" if isinstance(path_or_state, Mapping) else str(path_or_state)
-    state = _unwrap(path_or_state if isinstance(path_or_state, Mapping) else _read(Path(path_or_state)))
-    mapped = _map_keys(state, tuple(strip_prefix), dict(rename or {}), source)
+    state = unwrap_state(
+        path_or_state if isinstance(path_or_state, Mapping) else read_tensors(Path(path_or_state))
+    )
+    tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
+    mapped = _map_keys(tensors, tuple(strip_prefix), dict(rename or {}), source)
     own = model.state_dict()
     # BatchNorm step counters are not weights; old checkpoints lack them and torch tolerates that.
     missing = sorted(k for k in own if k not in mapped and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in mapped if k not in own)
-    mismatched = [f"{k} {tuple(mapped[k].shape)} vs {tuple(own[k].shape)} in the model"
-                  for k in sorted(own) if k in mapped and mapped[k].shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(mapped[k].shape)} vs {tuple(own[k].shape)} in the model"
+        for k in sorted(own)
+        if k in mapped and mapped[k].shape != own[k].shape
+    ]
     problems = []
     if missing and not allow_missing:
         problems.append(f"{len(missing)} missing keys: {_shortlist(missing)}")
@@ -82,14 +139,20 @@ def import_state_dict(model: nn.Module, path_or_state: str | Path | Mapping[str,
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {_shortlist(mismatched)}")
     if problems:
-        raise CheckpointError(f"cannot import {source}: " + "; ".join(problems)
-                              + " (map keys with strip_prefix/rename, or allow_missing/allow_unexpected)")
+        raise CheckpointError(
+            f"cannot import {source}: "
+            + "; ".join(problems)
+            + " (map keys with strip_prefix/rename, or allow_missing/allow_unexpected)"
+        )
     loaded = {k: v for k, v in mapped.items() if k in own}
     model.load_state_dict(loaded, strict=False)
     return {"missing": missing, "unexpected": unexpected, "loaded": sorted(loaded)}
 
 
-def _read(path: Path) -> Any:
+def read_tensors(path: Path) -> Any:
+    """A `.pt`/`.pth`/`.bin` file (tensors and plain values only) or a `.safetensors` file."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -97,21 +160,38 @@ def _read(path: Path) -> Any:
             from safetensors.torch import load_file
 
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found is None:
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors and plain values "
+            f"({found.group(1)}); refusing to unpickle it, since that could run "
+            "code. Save a plain state dict instead."
+        ) from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     except Exception as error:  # zip, pickle and EOF errors alike mean an unusable file
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(error).__name__}: {error}") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
 
 
-def _unwrap(state: Mapping[str, Any]) -> Mapping[str, Any]:
+def unwrap_state(state: Any) -> Mapping[str, Any]:
+    """The state dict inside common wrappers ({"state_dict": ...}, {"model": ...})."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"expected a state dict, found a {type(state).__name__}")
     for key in WRAPPER_KEYS:
         if isinstance(state.get(key), Mapping):
-            return _unwrap(state[key])
+            return unwrap_state(state[key])
     return state
 
 
-def _map_keys(state: Mapping[str, Any], strip_prefix: tuple[str, ...], rename: dict[str, str],
-              source: str) -> dict[str, Tensor]:
+def _map_keys(
+    state: Mapping[str, Any], strip_prefix: tuple[str, ...], rename: dict[str, str], source: str
+) -> dict[str, Tensor]:
     mapped: dict[str, Tensor] = {}
     for original, value in state.items():
         key = original

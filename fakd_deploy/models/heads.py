@@ -20,8 +20,9 @@ from torch import Tensor, nn
 STRIDE4, STRIDE8, STAGE3, LAST = range(4)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1,
-                 dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1
+) -> nn.Sequential:
     padding = dilation * (kernel_size - 1) // 2
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
@@ -78,8 +79,14 @@ class ASPP(nn.Module):
 class DeepLabV3Head(Head):
     """ASPP on the last level, then a 3x3 conv (as torchvision's DeepLabHead)."""
 
-    def __init__(self, in_channels: Sequence[int], output_stride: int, channels: int,
-                 dropout: float = 0.1, rates: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        output_stride: int,
+        channels: int,
+        dropout: float = 0.1,
+        rates: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(channels, channels, dropout)
         self.aspp = ASPP(in_channels[LAST], channels, rates or aspp_rates(output_stride))
         self.conv = conv_bn_relu(channels, channels, 3)
@@ -91,14 +98,21 @@ class DeepLabV3Head(Head):
 class DeepLabV3PlusHead(Head):
     """ASPP, upsampled to stride 4 and fused with projected stride-4 features (output at 1/4)."""
 
-    def __init__(self, in_channels: Sequence[int], output_stride: int, channels: int,
-                 dropout: float = 0.1, rates: Sequence[int] | None = None,
-                 low_channels: int = 48) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        output_stride: int,
+        channels: int,
+        dropout: float = 0.1,
+        rates: Sequence[int] | None = None,
+        low_channels: int = 48,
+    ) -> None:
         super().__init__(channels, channels, dropout)
         self.aspp = ASPP(in_channels[LAST], channels, rates or aspp_rates(output_stride))
         self.low = conv_bn_relu(in_channels[STRIDE4], low_channels)
-        self.fuse = nn.Sequential(conv_bn_relu(channels + low_channels, channels, 3),
-                                  conv_bn_relu(channels, channels, 3))
+        self.fuse = nn.Sequential(
+            conv_bn_relu(channels + low_channels, channels, 3), conv_bn_relu(channels, channels, 3)
+        )
 
     def decode(self, features: Sequence[Tensor]) -> Tensor:
         low = self.low(features[STRIDE4])
@@ -114,13 +128,18 @@ class PSPHead(Head):
 
     default_channels = 512
 
-    def __init__(self, in_channels: Sequence[int], output_stride: int, channels: int,
-                 dropout: float = 0.1, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        output_stride: int,
+        channels: int,
+        dropout: float = 0.1,
+        bins: Sequence[int] = (1, 2, 3, 6),
+    ) -> None:
         super().__init__(channels, channels, dropout)
         width = channels // len(bins)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(size), conv_bn_relu(in_channels[LAST], width))
-            for size in bins
+            nn.Sequential(nn.AdaptiveAvgPool2d(size), conv_bn_relu(in_channels[LAST], width)) for size in bins
         )
         self.bottleneck = conv_bn_relu(in_channels[LAST] + width * len(bins), channels, 3)
 
@@ -132,8 +151,9 @@ class PSPHead(Head):
 class FCNHead(Head):
     """One 3x3 conv on the last level: the simplest baseline (torchvision's FCNHead body)."""
 
-    def __init__(self, in_channels: Sequence[int], output_stride: int, channels: int,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], output_stride: int, channels: int, dropout: float = 0.1
+    ) -> None:
         super().__init__(channels, channels, dropout)
         self.conv = conv_bn_relu(in_channels[LAST], channels, 3)
 
@@ -152,12 +172,14 @@ class LRASPPHead(Head):
 
     default_channels = 128
 
-    def __init__(self, in_channels: Sequence[int], output_stride: int, channels: int,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], output_stride: int, channels: int, dropout: float = 0.1
+    ) -> None:
         super().__init__(channels, channels + in_channels[STRIDE8], dropout)
         self.cbr = conv_bn_relu(in_channels[LAST], channels)
-        self.scale = nn.Sequential(nn.AdaptiveAvgPool2d(1),
-                                   nn.Conv2d(in_channels[LAST], channels, 1, bias=False), nn.Sigmoid())
+        self.scale = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels[LAST], channels, 1, bias=False), nn.Sigmoid()
+        )
 
     def decode(self, features: Sequence[Tensor]) -> Tensor:
         x, low = features[LAST], features[STRIDE8]

@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from fakd_deploy.errors import BadInput
 from fakd_deploy.models.heads import HEADS, STAGE3, Head, conv_bn_relu
 
 # The four deepest levels of every timm encoder: nominal strides 4, 8, 16 and 32.
@@ -29,15 +30,19 @@ class ModelOutput:
 class Encoder(nn.Module):
     """A timm backbone as a four-level pyramid, dilated so its last level is at `output_stride`."""
 
-    def __init__(self, name: str, output_stride: int = 8,
-                 pretrained: bool | str | Path | None = None) -> None:
+    def __init__(
+        self, name: str, output_stride: int = 8, pretrained: bool | str | Path | None = None
+    ) -> None:
         super().__init__()
         if not timm.is_model(name):
-            raise ValueError(f"unknown timm encoder '{name}' (timm.list_models() lists them)")
+            raise BadInput(
+                f"unknown timm encoder '{name}' (`fakd-deploy models` lists the zoo; "
+                "timm.list_models() lists every timm name)"
+            )
         self.body = _create_encoder(name, output_stride, pretrained)
         self.channels: list[int] = self.body.feature_info.channels()
         if self.body.feature_info.reduction()[-1] != output_stride:
-            raise ValueError(f"encoder '{name}' cannot run at output_stride={output_stride}")
+            raise BadInput(f"encoder '{name}' cannot run at output_stride={output_stride}")
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.body(x)
@@ -50,8 +55,9 @@ class Segmenter(nn.Module):
     distillation losses on features (FAKD) depend on that.
     """
 
-    def __init__(self, encoder: Encoder, head: Head, num_classes: int, aux: bool,
-                 config: dict[str, Any]) -> None:
+    def __init__(
+        self, encoder: Encoder, head: Head, num_classes: int, aux: bool, config: dict[str, Any]
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -73,12 +79,22 @@ class Segmenter(nn.Module):
 
 def _aux_classifier(in_channels: int, head: Head, num_classes: int) -> nn.Sequential:
     """An FCN head on the stage-3 features, as wide as the main head; it only adds a training loss."""
-    return nn.Sequential(conv_bn_relu(in_channels, head.channels, 3), nn.Dropout2d(head.dropout.p),
-                         nn.Conv2d(head.channels, num_classes, kernel_size=1))
+    return nn.Sequential(
+        conv_bn_relu(in_channels, head.channels, 3),
+        nn.Dropout2d(head.dropout.p),
+        nn.Conv2d(head.channels, num_classes, kernel_size=1),
+    )
 
 
-def build_model(name: str, num_classes: int, encoder: str, output_stride: int = 8, aux: bool = False,
-                pretrained: bool | str | Path | None = None, **head_kwargs: Any) -> Segmenter:
+def build_model(
+    name: str,
+    num_classes: int,
+    encoder: str,
+    output_stride: int = 8,
+    aux: bool = False,
+    pretrained: bool | str | Path | None = None,
+    **head_kwargs: Any,
+) -> Segmenter:
     """A zoo model. `pretrained`: None (random), a local timm weights file, or True / a timm name
     such as 'resnet18.a1_in1k' to download ImageNet weights.
 
@@ -86,13 +102,19 @@ def build_model(name: str, num_classes: int, encoder: str, output_stride: int = 
     them with the resolved `channels`, so `build_model(**model.config)` rebuilds the model.
     """
     if name not in HEADS:
-        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(HEADS)}")
+        raise BadInput(f"unknown model '{name}'; choose one of: {', '.join(HEADS)}")
     head_cls = HEADS[name]
     head_kwargs["channels"] = head_kwargs.get("channels") or head_cls.default_channels
     body = Encoder(encoder, output_stride, pretrained)
     head = head_cls(body.channels, output_stride, **head_kwargs)
-    config = {"name": name, "num_classes": num_classes, "encoder": encoder,
-              "output_stride": output_stride, "aux": aux, **head_kwargs}
+    config = {
+        "name": name,
+        "num_classes": num_classes,
+        "encoder": encoder,
+        "output_stride": output_stride,
+        "aux": aux,
+        **head_kwargs,
+    }
     return Segmenter(body, head, num_classes, aux, config)
 
 
@@ -101,13 +123,14 @@ def _create_encoder(name: str, output_stride: int, pretrained: bool | str | Path
         return _features_only(name, output_stride)
     if _is_file(pretrained):
         path = _checked_weights_file(name, Path(pretrained))
-        return _features_only(name, output_stride, pretrained=True,
-                              pretrained_cfg_overlay={"file": str(path)})
+        return _features_only(
+            name, output_stride, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+        )
     hub_name = _hub_name(name, pretrained)
     try:
         return _features_only(hub_name, output_stride, pretrained=True)
     except OSError as error:
-        raise RuntimeError(
+        raise BadInput(
             f"could not download ImageNet weights for '{hub_name}' (offline?): download them elsewhere "
             f"and pass pretrained=/path/to/{name}.pth (a timm state dict, e.g. the model.safetensors "
             f"of huggingface.co/{timm.models.get_pretrained_cfg(hub_name).hf_hub_id})"
@@ -116,10 +139,11 @@ def _create_encoder(name: str, output_stride: int, pretrained: bool | str | Path
 
 def _features_only(name: str, output_stride: int, **weights: Any) -> nn.Module:
     try:
-        return timm.create_model(name, features_only=True, output_stride=output_stride,
-                                 out_indices=PYRAMID, **weights)
+        return timm.create_model(
+            name, features_only=True, output_stride=output_stride, out_indices=PYRAMID, **weights
+        )
     except (AssertionError, TypeError) as error:
-        raise ValueError(f"encoder '{name}' cannot run at output_stride={output_stride}: {error}") from None
+        raise BadInput(f"encoder '{name}' cannot run at output_stride={output_stride}: {error}") from None
 
 
 def _is_file(pretrained: bool | str | Path) -> bool:
@@ -132,12 +156,11 @@ def _is_file(pretrained: bool | str | Path) -> bool:
 def _checked_weights_file(name: str, path: Path) -> Path:
     """timm loads weights into a features-only encoder non-strictly, silently keeping random
     layers when keys differ; check the file against the full architecture first."""
+    from fakd_deploy.models.checkpoint import read_tensors, unwrap_state
+
     if not path.is_file():
-        raise FileNotFoundError(f"encoder weights not found: {path}")
-    try:
-        state = timm.models.load_state_dict(str(path))
-    except Exception as error:  # zip, pickle and safetensors errors alike mean an unusable file
-        raise ValueError(f"{path} is not a readable weights file: {type(error).__name__}: {error}") from None
+        raise BadInput(f"encoder weights not found: {path}")
+    state = unwrap_state(read_tensors(path))
     with torch.device("meta"):
         reference = timm.create_model(name, num_classes=0)
     classifier = f"{reference.pretrained_cfg.get('classifier')}."
@@ -147,9 +170,11 @@ def _checked_weights_file(name: str, path: Path) -> Path:
     unexpected = [key for key in state if key not in own]
     reshaped = [key for key in own if key in state and state[key].shape != own[key].shape]
     if missing or unexpected or reshaped:
-        raise ValueError(f"{path} does not hold timm '{name}' weights: {len(missing)} missing keys "
-                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                         f"{len(reshaped)} of another shape {reshaped[:3]}")
+        raise BadInput(
+            f"{path} does not hold timm '{name}' weights: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+            f"{len(reshaped)} of another shape {reshaped[:3]}"
+        )
     return path
 
 
@@ -158,6 +183,8 @@ def _hub_name(name: str, pretrained: bool | str) -> str:
     hub_name = name if pretrained is True else str(pretrained)
     tags = timm.list_pretrained(name)
     if not tags or hub_name not in (name, *tags):
-        raise ValueError(f"pretrained='{hub_name}' is neither a weights file nor timm weights of encoder "
-                         f"'{name}' (timm has: {', '.join(tags) or 'none'})")
+        raise BadInput(
+            f"pretrained='{hub_name}' is neither a weights file nor timm weights of encoder "
+            f"'{name}' (timm has: {', '.join(tags) or 'none'})"
+        )
     return hub_name

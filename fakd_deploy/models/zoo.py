@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,16 +19,31 @@ from fakd_deploy.models.segmenter import build_model
 
 # timm encoders that build at output strides 8, 16 and 32 (the tests check each).
 ENCODERS = (
-    "resnet18", "resnet34", "resnet50", "resnet101",
-    "resnet18d", "resnet34d", "resnet50d", "resnet101d",
-    "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0",
-    "resnet10t", "mobilenetv3_small_100", "mobilenetv3_small_050", "lcnet_050",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet18d",
+    "resnet34d",
+    "resnet50d",
+    "resnet101d",
+    "mobilenetv2_100",
+    "mobilenetv3_large_100",
+    "efficientnet_b0",
+    "resnet10t",
+    "mobilenetv3_small_100",
+    "mobilenetv3_small_050",
+    "lcnet_050",
 )
 
 
-def list_models(input_size: tuple[int, int] = (512, 1024), heads: Sequence[str] | None = None,
-                encoders: Sequence[str] | None = None, output_stride: int = 8,
-                num_classes: int = 19) -> list[dict[str, Any]]:
+def list_models(
+    input_size: tuple[int, int] = (512, 1024),
+    heads: Sequence[str] | None = None,
+    encoders: Sequence[str] | None = None,
+    output_stride: int = 8,
+    num_classes: int = 19,
+) -> list[dict[str, Any]]:
     """One row per head x encoder, with the default head width and no aux head."""
     rows = []
     for name in heads or HEADS:
@@ -38,8 +52,16 @@ def list_models(input_size: tuple[int, int] = (512, 1024), heads: Sequence[str] 
                 model = build_model(name, num_classes, encoder, output_stride).eval()
                 params = sum(p.numel() for p in model.parameters())
                 flops = count_flops(model, input_size)
-            rows.append({"name": name, "encoder": encoder, "output_stride": output_stride,
-                         "input_size": tuple(input_size), "params_m": params / 1e6, "gflops": flops / 1e9})
+            rows.append(
+                {
+                    "name": name,
+                    "encoder": encoder,
+                    "output_stride": output_stride,
+                    "input_size": tuple(input_size),
+                    "params_m": params / 1e6,
+                    "gflops": flops / 1e9,
+                }
+            )
     return rows
 
 
@@ -52,7 +74,7 @@ def count_flops(model: torch.nn.Module, input_size: tuple[int, int]) -> int:
     return counter.get_total_flops()
 
 
-def print_models(rows: Sequence[dict[str, Any]], console: Console) -> None:
+def models_table(rows: Sequence[dict[str, Any]]) -> Table:
     height, width = rows[0]["input_size"] if rows else (0, 0)
     table = Table(title=f"model zoo ({len(rows)} models)")
     table.add_column("model", no_wrap=True)
@@ -61,6 +83,11 @@ def print_models(rows: Sequence[dict[str, Any]], console: Console) -> None:
     table.add_column("params (M)", justify="right")
     table.add_column(f"GFLOPs @ {height}x{width}\n(torch: 2 x MACs)", justify="right")
     for row in rows:
-        table.add_row(row["name"], row["encoder"], str(row["output_stride"]), f"{row['params_m']:.2f}",
-                      f"{row['gflops']:.1f}")
-    console.print(table)
+        table.add_row(
+            row["name"],
+            row["encoder"],
+            str(row["output_stride"]),
+            f"{row['params_m']:.2f}",
+            f"{row['gflops']:.1f}",
+        )
+    return table

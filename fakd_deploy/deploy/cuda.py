@@ -1,0 +1,169 @@
+"""The little CUDA the deploy path needs, through cuda-python instead of torch.
+
+Device queries (name, compute capability, memory in use), device buffers, pinned host
+buffers, one dedicated stream per predictor, and CUDA-event timing. cuda-python moved its
+runtime module between releases: `cuda.bindings.runtime` (12.6 and later, the only one in
+13.x) and `cuda.cudart` (12.x before that); both are accepted.
+
+Every cuda-python call returns `(error, *values)`; `check` turns a non-success error into
+an exception that names the call, so no error code is silently ignored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+import weakref
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from fakd_deploy.errors import BackendUnavailable
+
+INSTALL_HINT = "cuda-python is not installed: pip install 'fakd-deploy[gpu]'"
+MIN_ITERS = 20
+
+
+def runtime() -> ModuleType:
+    """The CUDA runtime bindings, or `BackendUnavailable` when cuda-python is missing."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python 12.x before the cuda.bindings layout
+        except ImportError:
+            raise BackendUnavailable(INSTALL_HINT) from None
+    return cudart
+
+
+def check(result: Any, call: str = "CUDA call") -> Any:
+    """The values of a cuda-python result tuple; `RuntimeError` naming the CUDA error otherwise."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if int(error) != 0:
+        name = getattr(error, "name", str(int(error)))
+        raise RuntimeError(f"{call} failed: {name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def no_gpu_reason() -> str | None:
+    """Why no CUDA GPU can be used here, or None when at least one is visible."""
+    try:
+        cudart = runtime()
+    except BackendUnavailable as error:
+        return str(error)
+    error, count = cudart.cudaGetDeviceCount()
+    if int(error) != 0:
+        return f"no CUDA GPU is visible (cudaGetDeviceCount: {getattr(error, 'name', error)})"
+    return None if count > 0 else "no CUDA GPU is visible (cudaGetDeviceCount: 0 devices)"
+
+
+def device_info(device: int = 0) -> dict[str, str]:
+    """GPU name and compute capability, the two things an engine is tied to."""
+    prop = check(runtime().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = prop.name.split(b"\0", 1)[0].decode() if isinstance(prop.name, bytes) else str(prop.name)
+    return {"gpu": name, "compute_capability": f"{prop.major}.{prop.minor}"}
+
+
+def memory_used(device: int = 0) -> int:
+    """Bytes of GPU memory in use on the device, by any process (cudaMemGetInfo)."""
+    cudart = runtime()
+    check(cudart.cudaSetDevice(device), "cudaSetDevice")
+    free, total = check(cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+    return int(total) - int(free)
+
+
+class DeviceBuffer:
+    """`nbytes` of device memory, freed with the object."""
+
+    def __init__(self, nbytes: int) -> None:
+        cudart = runtime()
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
+        weakref.finalize(self, cudart.cudaFree, self.ptr)
+
+
+class PinnedArray:
+    """A numpy array in page-locked host memory, so copies to and from the GPU run async."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
+        cudart = runtime()
+        dtype = np.dtype(dtype)
+        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        self.ptr = int(check(cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        weakref.finalize(self, cudart.cudaFreeHost, self.ptr)
+        raw = (ctypes.c_uint8 * nbytes).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+class Stream:
+    """A non-blocking stream of its own: work never waits on the legacy default stream."""
+
+    def __init__(self) -> None:
+        self.cudart = runtime()
+        self.handle = check(
+            self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
+            "cudaStreamCreateWithFlags",
+        )
+        weakref.finalize(self, self.cudart.cudaStreamDestroy, self.handle)
+
+    @property
+    def ptr(self) -> int:
+        """The raw `cudaStream_t`, as TensorRT's `execute_async_v3` and ORT's options want it."""
+        return int(self.handle)
+
+    def to_device(self, dst: int, host: np.ndarray) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        check(
+            self.cudart.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes, kind, self.handle),
+            "cudaMemcpyAsync (host to device)",
+        )
+
+    def to_host(self, host: np.ndarray, src: int) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        check(
+            self.cudart.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes, kind, self.handle),
+            "cudaMemcpyAsync (device to host)",
+        )
+
+    def synchronize(self) -> None:
+        check(self.cudart.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+
+def time_on_stream(
+    stream: Stream,
+    enqueue: Callable[[], None],
+    warmup_s: float = 1.0,
+    seconds: float = 3.0,
+    iters: int | None = None,
+    min_iters: int = MIN_ITERS,
+) -> list[float]:
+    """Milliseconds of GPU time per `enqueue()`, from CUDA events recorded around it on `stream`.
+
+    This is what trtexec calls "GPU compute": inputs already on the device, no host
+    copies, measured after a time-based warm-up.
+    """
+    cudart = stream.cudart
+    start = check(cudart.cudaEventCreate(), "cudaEventCreate")
+    end = check(cudart.cudaEventCreate(), "cudaEventCreate")
+    try:
+        warm_until = time.perf_counter() + warmup_s
+        enqueue()
+        while time.perf_counter() < warm_until:
+            enqueue()
+        stream.synchronize()
+        times: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(times) < iters if iters else len(times) < min_iters or time.perf_counter() < deadline:
+            check(cudart.cudaEventRecord(start, stream.handle), "cudaEventRecord")
+            enqueue()
+            check(cudart.cudaEventRecord(end, stream.handle), "cudaEventRecord")
+            check(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
+            times.append(float(check(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")))
+        return times
+    finally:
+        cudart.cudaEventDestroy(start)
+        cudart.cudaEventDestroy(end)

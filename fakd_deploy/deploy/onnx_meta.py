@@ -1,0 +1,66 @@
+"""Read and write the metadata an exported ONNX model carries (`metadata_props`), without torch.
+
+Values are stored as JSON; the recipe is stored as plain YAML text so Netron shows it
+readably. Artifacts derived from a model (INT8, FP16, engines) copy this metadata, so
+any one of them is enough to run `predict` or `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from fakd_deploy.errors import ArtifactError
+
+TEXT_KEYS = frozenset({"recipe"})
+
+
+def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """An ONNX model, or one line naming the file when it is missing, empty or not ONNX."""
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not an ONNX model")
+    if not path.is_file():
+        raise ArtifactError(f"ONNX model not found: {path}")
+    if path.stat().st_size == 0:
+        raise ArtifactError(f"{path} is empty (0 bytes): not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except (DecodeError, ValueError, RuntimeError, OSError) as error:
+        raise ArtifactError(
+            f"{path} is not a readable ONNX model (truncated or corrupt?): {type(error).__name__}"
+        ) from None
+    if not model.graph.node:
+        raise ArtifactError(f"{path} is not a readable ONNX model: its graph has no nodes")
+    return model
+
+
+def write_metadata(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:
+    """Set `metadata_props` entries (JSON values; the recipe as plain text), keeping the others."""
+    entries = {prop.key: prop.value for prop in model.metadata_props}
+    for key, value in metadata.items():
+        entries[key] = value if key in TEXT_KEYS else json.dumps(value)
+    onnx.helper.set_model_props(model, entries)
+
+
+def _decode(key: str, value: str) -> Any:
+    if key in TEXT_KEYS:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value  # written by another tool
+
+
+def model_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """The decoded `metadata_props` of a loaded model."""
+    return {prop.key: _decode(prop.key, prop.value) for prop in model.metadata_props}
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded `metadata_props` of an ONNX file; the weights are not read."""
+    return model_metadata(load_onnx(path, load_external_data=False))

@@ -1,0 +1,115 @@
+"""The deploy-only install: build, bench, evaluate and predict on ONNX models where torch, timm,
+albumentations and OpenCV cannot be imported, as on a Jetson without the training stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BLOCKED = ("torch", "timm", "albumentations", "cv2")
+
+# Runs the CLI with an import hook that makes the training stack unimportable.
+LAUNCH = f"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} is not installed on this device")
+        return None
+
+sys.meta_path.insert(0, Block())
+from fakd_deploy.cli import app
+try:
+    app(sys.argv[1:])
+finally:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
+    print("LOADED", loaded, file=sys.stderr)
+"""
+
+
+def edge(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's own data (`folder` layout): PNGs read with PIL alone."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "classes.yaml").write_text("\n".join(f"- c{i}" for i in range(6)) + "\n")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for index in range(4):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"{index}.png"
+            )
+            Image.fromarray(rng.integers(0, 6, (32, 32), dtype=np.uint8)).save(
+                root / "masks" / split / f"{index}.png"
+            )
+    return root
+
+
+def test_the_training_stack_is_really_blocked() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH.replace("from fakd_deploy.cli import app", "import torch")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "torch is not installed on this device" in result.stderr
+
+
+def test_build_evaluate_bench_predict_without_torch(
+    tmp_path: Path, artifacts: dict[str, Path], folder_dataset: Path
+) -> None:
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(artifacts["onnx"].read_bytes())
+    data = ["--set", "data.name=folder", "--set", f"data.root={folder_dataset}", "--set", "data.options={}"]
+
+    for backend in ("ort-cpu-fp32", "ort-cpu-int8"):
+        args = ["build", onnx, "--backend", backend, *(data if backend.endswith("int8") else [])]
+        done = edge(*args)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "student.int8.onnx").is_file()
+
+    done = edge("evaluate", tmp_path / "student.int8.onnx", *data, "--json", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert (scored["dataset"], scored["split"], scored["images"]) == ("folder", "val", 4)
+
+    done = edge(
+        "bench",
+        onnx,
+        tmp_path / "student.int8.onnx",
+        *data,
+        "--out",
+        tmp_path / "report",
+        "--seconds",
+        "0.05",
+        "--warmup",
+        "0",
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("ort-cpu-fp32", "ok"), ("ort-cpu-int8", "ok")]
+
+    image = folder_dataset / "images" / "val" / "0.png"
+    done = edge("predict", tmp_path / "student.int8.onnx", image, "--out", tmp_path / "pred")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "pred" / "0.labels.png").is_file()
+    assert "LOADED []" in done.stderr  # none of the blocked modules was even partly imported
+
+
+def test_a_checkpoint_on_the_edge_says_what_to_install(artifacts: dict[str, Path]) -> None:
+    done = edge("evaluate", artifacts["checkpoint"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "torch" in done.stderr and "[train]" in done.stderr

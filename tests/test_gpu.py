@@ -1,0 +1,161 @@
+"""On a CUDA machine: TensorRT engines and ONNX Runtime GPU backends against ONNX Runtime on CPU.
+
+Every test is marked `gpu` and skips (saying why) without TensorRT, onnxruntime-gpu or a
+visible GPU. The fixtures live here: the models are built with onnx.helper, so no other
+test module is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from onnx import helper as oh
+
+from fakd_deploy.deploy import cuda
+from fakd_deploy.deploy.backends import build, open_backend, unavailable_reason
+from fakd_deploy.deploy.measure import latency_stats, measure_gpu_compute, measure_latency
+from fakd_deploy.deploy.ort import OrtPredictor
+from fakd_deploy.deploy.trt import EngineMismatch, TrtPredictor, load_sidecar, sidecar_path
+
+pytestmark = pytest.mark.gpu
+NO_GPU = cuda.no_gpu_reason()
+NO_TRT = "tensorrt is not installed" if importlib.util.find_spec("tensorrt") is None else NO_GPU
+needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"needs TensorRT and a GPU: {NO_TRT}")
+SIZE = (64, 96)
+
+
+def _segmenter(batch: int | str, classes: int = 5) -> onnx.ModelProto:
+    """stem conv, residual block, 1x1 classifier, bilinear upsampling: what INT8 has to handle."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int, stride: int = 1) -> str:
+        inits.extend(
+            [
+                numpy_helper.from_array(
+                    rng.standard_normal((cout, cin, k, k)).astype(np.float32) * (2 / (cin * k * k)) ** 0.5,
+                    f"{name}.w",
+                ),
+                numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.b"),
+            ]
+        )
+        nodes.append(
+            oh.make_node(
+                "Conv",
+                [x, f"{name}.w", f"{name}.b"],
+                [name],
+                name=name,
+                kernel_shape=[k, k],
+                pads=[k // 2] * 4,
+                strides=[stride] * 2,
+            )
+        )
+        return name
+
+    def relu(x: str) -> str:
+        nodes.append(oh.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
+        return f"{x}.relu"
+
+    stem = relu(conv("stem", "images", 3, 16, 3, 2))
+    body = conv("b2", relu(conv("b1", stem, 16, 16, 3)), 16, 16, 3)
+    nodes.append(oh.make_node("Add", [body, stem], ["res"], name="res"))
+    conv("classifier", relu("res"), 16, classes, 1)
+    inits += [
+        numpy_helper.from_array(np.array([], np.float32), "roi"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+    ]
+    nodes.append(
+        oh.make_node("Resize", ["classifier", "roi", "scales"], ["logits"], name="up", mode="linear")
+    )
+    graph = oh.make_graph(
+        nodes,
+        "segmenter",
+        [oh.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, *SIZE])],
+        [oh.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes, *SIZE])],
+        inits,
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
+
+
+def _images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, *SIZE)).astype(np.float32)
+
+
+@pytest.fixture(params=[2, "batch"], ids=["static-batch-2", "dynamic-batch"])
+def fp32(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    onnx.save(_segmenter(request.param), str(path))
+    return path
+
+
+def _calibration() -> list[np.ndarray]:
+    return [image[None] for image in _images(8, seed=1)]
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+@needs_trt
+@pytest.mark.parametrize(("precision", "minimum"), [("fp32", 0.999), ("fp16", 0.98)])
+def test_engines_match_onnx_runtime_on_cpu(fp32: Path, precision: str, minimum: float) -> None:
+    engine = build(fp32, f"trt-{precision}")
+    sidecar = load_sidecar(engine)
+    assert sidecar["precision"] == precision and sidecar["trtexec"].startswith("trtexec --onnx=")
+    images = _images(3)
+    expected = OrtPredictor(fp32)(images)
+    actual = open_backend(engine, f"trt-{precision}")(images)
+    assert actual.shape == expected.shape and actual.dtype == np.float32
+    assert _agreement(actual, expected) > minimum
+
+
+@needs_trt
+def test_int8_engine_runs_its_qdq_model_as_onnx_runtime_does(fp32: Path) -> None:
+    engine = build(fp32, "trt-int8", calib_images=_calibration())
+    qdq = fp32.with_name("m.qdq.onnx")
+    images = _images(3, seed=5)
+    on_cpu = OrtPredictor(qdq)(images)
+    on_gpu = TrtPredictor(engine)(images)
+    assert _agreement(on_gpu, on_cpu) > 0.97
+    assert _agreement(on_gpu, OrtPredictor(fp32)(images)) > 0.95
+
+
+@needs_trt
+def test_engine_from_another_gpu_is_refused(fp32: Path) -> None:
+    engine = build(fp32, "trt-fp16")
+    sidecar = json.loads(sidecar_path(engine).read_text())
+    sidecar.update(gpu="Orin", compute_capability="8.7")
+    sidecar_path(engine).write_text(json.dumps(sidecar))
+    with pytest.raises(EngineMismatch, match="Orin"):
+        TrtPredictor(engine)
+
+
+@needs_trt
+def test_tensorrt_bench_numbers_gpu_compute_below_host_latency(fp32: Path) -> None:
+    predictor = TrtPredictor(build(fp32, "trt-fp16"))
+    image = _images(1)
+    host = latency_stats(measure_latency(predictor, image, warmup_s=0.2, seconds=0.5))
+    compute = measure_gpu_compute(predictor, image, warmup_s=0.2, seconds=0.5)
+    assert compute is not None and min(compute) > 0
+    assert latency_stats(compute)["p50"] <= host["p50"]
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda-fp32", "ort-cuda-fp16", "ort-trt-fp16", "ort-trt-int8"])
+def test_onnx_runtime_gpu_backends_run_what_they_say(fp32: Path, backend: str) -> None:
+    reason = unavailable_reason(backend)
+    if reason:
+        pytest.skip(reason)
+    artifact = build(fp32, backend, calib_images=_calibration())
+    predictor = open_backend(artifact, backend)
+    expected = "TensorrtExecutionProvider" if backend.startswith("ort-trt") else "CUDAExecutionProvider"
+    assert predictor.providers[0] == expected
+    images = _images(3, seed=2)
+    assert _agreement(predictor(images), OrtPredictor(fp32)(images)) > 0.95
+    compute = measure_gpu_compute(predictor, images[:1], warmup_s=0.1, seconds=0.2)
+    assert compute is not None and min(compute) > 0
