@@ -131,7 +131,8 @@ def _open_checkpoint(path: Path, device: str, threads: int | None) -> tuple[Pred
 
     checkpoint = models.Checkpoint.load(path)
     model = checkpoint.build(str(path))
-    data = parse_recipe(checkpoint.recipe).data if checkpoint.recipe else None
+    recipe = checkpoint.recipe_config()
+    data = recipe.data if recipe else None
     normalise = (
         Normalise(tuple(data.mean), tuple(data.std), data.pixel_scale)
         if data

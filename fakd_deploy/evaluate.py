@@ -24,7 +24,7 @@ from fakd_deploy.recipe import EvalConfig
 
 
 class Predictor(Protocol):
-    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+    def __call__(self, images: np.ndarray, /) -> np.ndarray: ...
 
 
 class ConfusionMatrix:
@@ -156,7 +156,7 @@ def evaluate(
 def evaluate_file(
     model: Path,
     recipe: Path | None = None,
-    overrides: Sequence[str] = (),
+    overrides: list[str] | tuple[str, ...] = (),
     split: str | None = None,
     max_images: int | None = None,
     backend: str | None = None,

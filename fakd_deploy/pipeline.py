@@ -27,7 +27,7 @@ from fakd_deploy import __version__, loaders
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
-from fakd_deploy.models import Checkpoint, TorchPredictor, build_model, import_state_dict
+from fakd_deploy.models import Checkpoint, Segmenter, TorchPredictor, build_model, import_state_dict
 from fakd_deploy.models.predictor import resolve_device
 from fakd_deploy.recipe import Recipe, TrainConfig, load_recipe
 from fakd_deploy.runfolder import Manifest, RunFolder, RunLock, stage_key
@@ -240,7 +240,7 @@ def train_teacher(s: Session) -> Path:
     return best
 
 
-def adopt_weights(model: torch.nn.Module, job: Job, weights: str, mapping: dict[str, Any]) -> dict[str, Any]:
+def adopt_weights(model: Segmenter, job: Job, weights: str, mapping: dict[str, Any]) -> dict[str, Any]:
     """Import a state dict trained elsewhere, score it, and save it as this run's teacher."""
     report = import_state_dict(model, weights, **mapping)
     log.info(f"imported {len(report['loaded'])} tensors from {weights}")

@@ -78,7 +78,7 @@ class DataConfig(Section):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     pixel_scale: PositiveFloat = 255.0
-    ignore_index: int = Field(255, ge=0, le=255)
+    ignore_index: int = Field(default=255, ge=0, le=255)
     batch_size: PositiveInt = 8
     val_batch_size: PositiveInt = 8
     workers: NonNegativeInt | Literal["auto"] = "auto"
@@ -114,7 +114,7 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 0.01
     weight_decay: NonNegativeFloat = 1e-4
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     warmup_steps: NonNegativeInt = 0
     poly_power: NonNegativeFloat = 0.9
     grad_accum: PositiveInt = 1
@@ -192,7 +192,7 @@ class StudentConfig(Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    variants: dict[str, list[LossTerm]] = Field(default_factory=lambda: {"baseline": []})
+    variants: dict[str, list[LossTerm]] = Field(default_factory=lambda: {"baseline": list[LossTerm]()})
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("variants")
@@ -249,7 +249,7 @@ class ExportConfig(Section):
     width: PositiveInt | None = None
     batch: PositiveInt = 1
     dynamic: bool = False
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(default=18, ge=13, le=23)
     argmax: bool = False
     tolerance: PositiveFloat = 1e-4
 
@@ -262,7 +262,9 @@ class ExportConfig(Section):
 
 class DeployConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
-    backends: list[BackendName] = Field(default_factory=lambda: ["ort-cpu-fp32", "ort-cpu-int8"])
+    backends: list[BackendName] = Field(
+        default_factory=lambda: list[BackendName](["ort-cpu-fp32", "ort-cpu-int8"])
+    )
     calib: PositiveInt = 32
     calib_method: Literal["minmax", "entropy", "percentile"] = "minmax"
 

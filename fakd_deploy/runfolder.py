@@ -128,10 +128,10 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            text = os.pread(fd, 4096, 0).decode(errors="replace")
             os.close(fd)
             raise RunFolderBusy(
-                f"run folder {self.run.root} is in use by {describe_holder(holder)}; "
+                f"run folder {self.run.root} is in use by {describe_holder(text)}; "
                 "wait for it to finish or choose another --out"
             ) from None
         holder = {

@@ -14,13 +14,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from fakd_deploy.errors import BadInput
-from fakd_deploy.recipe import LossTerm, Recipe, load_recipe
+from fakd_deploy.recipe import BoundName, LossTerm, Recipe, load_recipe, parse_recipe
 from fakd_deploy.stats import mean_std, paired_difference
 from fakd_deploy.utils import atomic_write, save_json, save_text
 
@@ -71,7 +72,7 @@ def expand(recipe: Recipe) -> tuple[Recipe, dict[str, dict[str, Any]]]:
             continue
         own = next(t for t in terms if t.lam0 > 0)
         for lam0 in cfg.lam0 or [own.lam0]:
-            bounds = cfg.bounds or [own.bound if own.loss == "kd" else None]
+            bounds: Sequence[BoundName | None] = cfg.bounds or [own.bound if own.loss == "kd" else None]
             for bound in bounds:
                 kd_bound = bound if any(t.loss == "kd" and t.lam0 > 0 for t in terms) else None
                 point = point_name(name, lam0, kd_bound)
@@ -79,8 +80,16 @@ def expand(recipe: Recipe) -> tuple[Recipe, dict[str, dict[str, Any]]]:
                     continue
                 points[point] = [swept(t, lam0, kd_bound) if t.lam0 > 0 else t for t in terms]
                 described[point] = {"source": name, "lam0": lam0, "bound": kd_bound}
-    student = recipe.student.model_copy(update={"variants": points})
-    return recipe.model_copy(update={"student": student}), described
+    raw = recipe.model_dump(mode="json")
+    raw["student"]["variants"] = {
+        name: [t.model_dump(mode="json") for t in terms] for name, terms in points.items()
+    }
+    exported = recipe.deploy.export.variant
+    if exported in targets:  # a swept variant is exported as its first point
+        raw["deploy"]["export"]["variant"] = next(
+            p for p, info in described.items() if info["source"] == exported
+        )
+    return parse_recipe(raw), described
 
 
 def by_seed(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:

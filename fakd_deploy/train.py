@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import Interrupted, TrainingError
@@ -117,7 +117,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-class SeededSamples:
+class SeededSamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Item (epoch, index) of a dataset, its augmentation seeded from (seed, epoch, index).
 
     A sample's augmentation is then the same whatever the number of loader workers and
@@ -129,7 +129,7 @@ class SeededSamples:
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
-        transform = getattr(self.dataset, "transform", None)
+        transform: Any = getattr(self.dataset, "transform", None)
         if hasattr(transform, "set_random_seed"):
             transform.set_random_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
         image, mask = self.dataset[index]
@@ -189,7 +189,9 @@ def batches(job: Job, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Ten
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop draws from, as tensors and plain values (safe to load)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's global RandomState is an MT19937, whose legacy state is this tuple (never a dict)
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, pos, has_gauss, gauss = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),

@@ -27,7 +27,7 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write through a temporary file in the same folder and rename it into place.
 
     A crash mid-write leaves the previous file intact, never a truncated one; a kill -9

@@ -115,8 +115,9 @@ else
             ort-cuda-fp16) artifact="$STEM.fp16.onnx" ;;
             *) artifact="$ONNX" ;;
         esac
-        [[ -e $artifact ]] || step "build-$backend" fakd-deploy build "$ONNX" --backend "$backend" \
-            --recipe "$RECIPE" --calib 32
+        data=()  # calibration data: INT8 builds only
+        [[ $backend == *int8 ]] && data=(--calib 32)
+        [[ -e $artifact ]] || step "build-$backend" fakd-deploy build "$ONNX" --backend "$backend" "${data[@]}"
         step "evaluate-$backend" fakd-deploy evaluate "$artifact" --backend "$backend" \
             --json "$OUT/evaluate-$backend.json"
     done

@@ -238,3 +238,40 @@ def test_version() -> None:
     from fakd_deploy import __version__
 
     assert __version__ in invoke("--version")
+
+
+def test_a_teacher_checkpoint_is_used_as_it_is(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    """`teacher.checkpoint`: no teacher stage; the student distils from the given file."""
+    teacher = artifacts["checkpoint"]
+    out = tmp_path / "run"
+    invoke("distill", TINY, "--out", out, "--variant", "kd", "--set", f"teacher.checkpoint={teacher}")
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert set(stages) == {"student:kd_s0"} and not (out / "teacher").exists()
+    from fakd_deploy.models import Checkpoint
+
+    assert Checkpoint.load(out / "students" / "kd_s0" / "best.pt").variant == "kd"
+
+
+def test_teacher_weights_trained_elsewhere_are_imported_scored_and_saved(tmp_path: Path) -> None:
+    """`teacher.weights`: a plain state dict with DataParallel's `module.` prefix, as
+    .pth and as .safetensors; `best.pt` holds exactly those weights and their val score."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fakd_deploy.models import Checkpoint, build_model
+    from fakd_deploy.recipe import load_recipe
+
+    recipe = load_recipe(TINY)
+    torch.manual_seed(3)
+    model = build_model(num_classes=6, **recipe.teacher.model.build_kwargs())
+    state = {f"module.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 12}, tmp_path / "elsewhere.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "elsewhere.safetensors")
+    for name in ("elsewhere.pth", "elsewhere.safetensors"):
+        out = tmp_path / name.replace(".", "_")
+        output = invoke("train", TINY, "--out", out, "--set", f"teacher.weights={tmp_path / name}")
+        assert f"imported {len(model.state_dict())} tensors" in output
+        saved = Checkpoint.load(out / "teacher" / "best.pt")
+        assert saved.role == "teacher" and 0 <= saved.metrics["miou"] <= 100
+        for key, value in model.state_dict().items():
+            assert torch.equal(saved.model[key], value), key

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fakd_deploy.data.base import IGNORE, MissingSplit, SegmentationDataset, Transform
 from fakd_deploy.data.datasets import ADE20K, CamVid, Cityscapes, Folder, PascalVOC
 from fakd_deploy.data.synthetic import Synthetic
 from fakd_deploy.errors import DatasetError
 
-DATASETS: dict[str, type[SegmentationDataset] | type[Synthetic]] = {
+
+class DatasetClass(Protocol):
+    """How `build_dataset` makes a dataset; each may take options of its own as further keywords."""
+
+    def __call__(
+        self, root: str | Path | None, split: str, transform: Transform | None, ignore_index: int
+    ) -> SegmentationDataset | Synthetic: ...
+
+
+DATASETS: dict[str, DatasetClass] = {
     "synthetic": Synthetic,
     "camvid": CamVid,
     "cityscapes": Cityscapes,

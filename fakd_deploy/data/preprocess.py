@@ -58,7 +58,7 @@ class Normalise:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """An (H, W, 3) RGB array as a (3, H, W) float32 array."""
-        x = np.asarray(image, dtype=np.float32) / np.float32(self.pixel_scale)
+        x: np.ndarray = np.asarray(image, dtype=np.float32) / np.float32(self.pixel_scale)
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 

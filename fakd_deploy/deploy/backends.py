@@ -19,7 +19,7 @@ an artifact is what its backend says (quantized, FP16, conformant Q/DQ) before r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -29,8 +29,7 @@ import onnx
 
 from fakd_deploy.deploy.onnx_meta import load_onnx
 from fakd_deploy.errors import BadInput
-
-Predictor = Callable[[np.ndarray], np.ndarray]
+from fakd_deploy.evaluate import Predictor
 
 ONNX_SUFFIXES = (".int8", ".qdq", ".fp16")
 

@@ -55,9 +55,9 @@ def no_gpu_reason() -> str | None:
         cudart = runtime()
     except BackendUnavailable as error:
         return str(error)
-    error, count = cudart.cudaGetDeviceCount()
-    if int(error) != 0:
-        return f"no CUDA GPU is visible (cudaGetDeviceCount: {getattr(error, 'name', error)})"
+    status, count = cudart.cudaGetDeviceCount()
+    if int(status) != 0:
+        return f"no CUDA GPU is visible (cudaGetDeviceCount: {getattr(status, 'name', status)})"
     return None if count > 0 else "no CUDA GPU is visible (cudaGetDeviceCount: 0 devices)"
 
 
@@ -96,7 +96,9 @@ class PinnedArray:
         self.ptr = int(check(cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
         weakref.finalize(self, cudart.cudaFreeHost, self.ptr)
         raw = (ctypes.c_uint8 * nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        self.array = np.frombuffer(  # type: ignore[call-overload]  # stubs omit ctypes arrays (buffers)
+            raw, dtype=dtype, count=int(np.prod(shape))
+        ).reshape(shape)
 
 
 class Stream:

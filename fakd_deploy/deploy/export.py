@@ -72,8 +72,6 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 def checkpoint_metadata(checkpoint: Checkpoint, sha256: str) -> dict[str, Any]:
     """What a runtime needs from a training checkpoint: classes, normalisation, recipe."""
-    from fakd_deploy.recipe import parse_recipe
-
     meta: dict[str, Any] = {
         "checkpoint_sha256": sha256,
         "role": checkpoint.role,
@@ -81,8 +79,8 @@ def checkpoint_metadata(checkpoint: Checkpoint, sha256: str) -> dict[str, Any]:
         "arch": checkpoint.arch,
         "class_names": checkpoint.class_names,
     }
-    if checkpoint.recipe:
-        recipe = parse_recipe(checkpoint.recipe)
+    recipe = checkpoint.recipe_config()
+    if recipe is not None:
         text = recipe.to_yaml()
         meta.update(
             mean=list(recipe.data.mean),
@@ -95,25 +93,33 @@ def checkpoint_metadata(checkpoint: Checkpoint, sha256: str) -> dict[str, Any]:
     return meta
 
 
-def load_student(source: str | Path | nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """The bare student of a checkpoint (teacher, adapters and aux heads are not in `forward`)."""
+def load_student(source: str | Path | nn.Module) -> tuple[nn.Module, dict[str, Any], Recipe | None]:
+    """The bare student of a checkpoint (teacher, adapters and aux heads are not in `forward`),
+    the metadata its ONNX model will carry, and its recipe."""
     if isinstance(source, nn.Module):
-        return source, {}
+        return source, {}, None
     checkpoint = Checkpoint.load(source)
-    return checkpoint.build(str(source)), checkpoint_metadata(checkpoint, file_sha256(source))
+    meta = checkpoint_metadata(checkpoint, file_sha256(source))
+    return checkpoint.build(str(source)), meta, checkpoint.recipe_config()
 
 
 def _to_onnx(
     wrapper: nn.Module, example: torch.Tensor, dynamic: bool, opset: int, output_name: str
 ) -> tuple[onnx.ModelProto, str]:
     """The dynamo exporter first; the TorchScript exporter when dynamo cannot trace the model."""
-    names = {"input_names": [INPUT_NAME], "output_names": [output_name], "opset_version": opset}
     try:
         shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}} if dynamic else None
         program = torch.onnx.export(
-            wrapper, (example,), dynamo=True, dynamic_shapes=shapes, verbose=False, **names
+            wrapper,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=shapes,
+            verbose=False,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            opset_version=opset,
         )
-        return program.model_proto, "dynamo"
+        return program.model_proto, "dynamo"  # type: ignore[union-attr]  # None only when dynamo=False
     except Exception as error:
         warnings.warn(
             f"the dynamo ONNX exporter failed ({error_summary(error)}); falling back to "
@@ -124,7 +130,16 @@ def _to_onnx(
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's own deprecation notice
-        torch.onnx.export(wrapper, (example,), buffer, dynamo=False, dynamic_axes=axes, **names)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter also writes to a file object
+            dynamo=False,
+            dynamic_axes=axes,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            opset_version=opset,
+        )
     return onnx.load_from_string(buffer.getvalue()), "torchscript"
 
 
@@ -218,14 +233,9 @@ def export_size(recipe: Recipe) -> tuple[int, int]:
     return int(image.shape[-2]), int(image.shape[-1])
 
 
-def _default_parity(metadata: dict[str, Any], example: torch.Tensor) -> ParityBatches:
+def _default_parity(recipe: Recipe | None, example: torch.Tensor) -> ParityBatches:
     """Validation images from the checkpoint's recipe; random ones only for a bare module."""
-    if metadata.get("recipe"):
-        import yaml
-
-        from fakd_deploy.recipe import parse_recipe
-
-        recipe = parse_recipe(yaml.safe_load(metadata["recipe"]))
+    if recipe is not None:
         return loaders.ValBatches(recipe.data, max_images=PARITY_IMAGES)
     warnings.warn("no validation images for the parity check: comparing on random inputs", stacklevel=3)
     return [torch.randn_like(example).numpy() for _ in range(2)]
@@ -251,7 +261,7 @@ def export_onnx(
     """
     start = time.perf_counter()
     out = Path(out)
-    model, meta = load_student(checkpoint_or_model)
+    model, meta, recipe = load_student(checkpoint_or_model)
     model = revert_sync_batchnorm(model).eval().cpu().float()
     size = (height, width)
     reference = DeployModel(model, size, argmax=False).eval()
@@ -277,7 +287,7 @@ def export_onnx(
     )
     meta.update(metadata or {})
     write_metadata(proto, meta)
-    batches = parity_batches if parity_batches is not None else _default_parity(meta, example)
+    batches = parity_batches if parity_batches is not None else _default_parity(recipe, example)
     parity: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:

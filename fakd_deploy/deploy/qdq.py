@@ -33,6 +33,7 @@ input of an Add is quantized, the convolution's own output is not).
 from __future__ import annotations
 
 from collections import deque
+from typing import TypeGuard
 
 import numpy as np
 import onnx
@@ -67,6 +68,11 @@ class Graph:
     def input_of(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
+
+
+def _all_found(nodes: list[onnx.NodeProto | None]) -> TypeGuard[list[onnx.NodeProto]]:
+    """Whether every `Graph.input_of` lookup found its node (it gives None where not)."""
+    return all(nodes)
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -289,11 +295,9 @@ def fusion_advice(model: onnx.ModelProto) -> list[str]:
             )
     for node in graph.nodes:
         dqs = [graph.input_of(name, "DequantizeLinear") for name in node.input]
-        if node.op_type == "Concat" and all(dqs) and len(dqs) > 1:
+        if node.op_type == "Concat" and _all_found(dqs) and len(dqs) > 1:
             scales = {
-                float(np.max(graph.constant(dq.input[1])))
-                for dq in dqs
-                if graph.constant(dq.input[1]) is not None
+                float(np.max(scale)) for dq in dqs if (scale := graph.constant(dq.input[1])) is not None
             }
             if len(scales) > 1:
                 advice.append(
@@ -341,7 +345,7 @@ def share_concat_scales(model: onnx.ModelProto) -> None:
     initializers = {t.name: t for t in model.graph.initializer}
     for node in graph.nodes:
         dqs = [graph.input_of(name, "DequantizeLinear") for name in node.input]
-        if node.op_type != "Concat" or len(dqs) < 2 or not all(dqs):
+        if node.op_type != "Concat" or len(dqs) < 2 or not _all_found(dqs):
             continue
         names = set()
         for dq in dqs:

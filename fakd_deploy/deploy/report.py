@@ -167,11 +167,26 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     front = sorted((rows[i] for i in pareto_front(rows)), key=lambda r: r["latency_ms"]["p50"])
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     axes = figure.subplots()
+    mious = [row["miou"] for row in ok]
+    near = 0.04 * (max(mious) - min(mious)) if len(mious) > 1 and max(mious) > min(mious) else 0.5
+    clusters: list[tuple[float, float, list[str]]] = []  # points at (nearly) one place share a label
     for row in ok:
         x, y = row["latency_ms"]["p50"], row["miou"]
         axes.scatter(x, y, color="tab:blue", zorder=3)
+        label = f"{row['model']} {row['backend']}"
+        match = next((c for c in clusters if abs(x / c[0] - 1) < 0.08 and abs(y - c[1]) < near), None)
+        if match:
+            match[2].append(label)
+        else:
+            clusters.append((x, y, [label]))
+    for x, y, labels in clusters:
         axes.annotate(
-            f"{row['model']} {row['backend']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+            "\n".join(labels),
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+            verticalalignment="bottom",
         )
     if front:
         axes.plot(

@@ -48,6 +48,8 @@ MAJORS = (10, 11)
 TIMING_CACHE = "trt-timing.cache"
 MAX_BATCH = 8
 MATCH_KEYS = ("gpu", "compute_capability", "tensorrt")
+# The (min, opt, max) shapes of one input's optimisation profile
+ShapeProfile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 class EngineMismatch(BackendUnavailable):
@@ -94,7 +96,7 @@ def build_plan(version: str, precision: str) -> BuildPlan:
 
 def profile_shapes(
     shape: Sequence[int], opt_batch: int = 1, max_batch: int = MAX_BATCH
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+) -> ShapeProfile | None:
     """(min, opt, max) shapes for an input with a dynamic (-1) batch; None when all static."""
     if all(dim > 0 for dim in shape):
         return None
@@ -112,7 +114,7 @@ def trtexec_command(
     engine: str | Path,
     workspace_gb: float,
     timing_cache: str | Path,
-    profiles: dict[str, tuple[tuple[int, ...], ...]],
+    profiles: dict[str, ShapeProfile],
 ) -> str:
     """The `trtexec` line that builds the same engine (flags as in trtexec's --help for 10.3/11.1).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from fakd_deploy.distill import fakd, losses
 from fakd_deploy.errors import BadInput
 from fakd_deploy.recipe import LossTerm
+
+if TYPE_CHECKING:
+    from fakd_deploy.models.segmenter import SegmentationModel
 
 
 @dataclass
@@ -96,8 +99,8 @@ class Distiller(nn.Module):
 
     def __init__(
         self,
-        student: nn.Module,
-        teacher: nn.Module | None,
+        student: SegmentationModel,
+        teacher: SegmentationModel | None,
         terms: Sequence[LossTerm],
         num_classes: int,
         ignore_index: int = 255,
@@ -168,20 +171,24 @@ class Distiller(nn.Module):
 
     def update_estimators(self, features: Tensor, labels: Tensor) -> None:
         for estimator in self.estimators.values():
-            estimator.update(features, labels, self.ignore_index)
+            cast(fakd.ClassCovariance, estimator).update(features, labels, self.ignore_index)
+
+    def estimator(self, term: LossTerm) -> fakd.ClassCovariance:
+        """The `ClassCovariance` of a FAKD term, shared by the terms of its kind (`estimator_key`)."""
+        return cast(fakd.ClassCovariance, self.estimators[estimator_key(term)])
 
     def term_loss(
         self, name: str, term: LossTerm, out: Any, teacher_out: Any, labels: Tensor, lam: float
     ) -> Tensor:
         """One term's value; FAKD (lam0 > 0) passes the shared estimator's covariance."""
-        covariance = self.estimators[estimator_key(term)].covariance if term.lam0 > 0 else None
+        covariance = self.estimator(term).covariance if term.lam0 > 0 else None
         pair = self.pair(name, term, out, teacher_out, labels)
         return LOSSES[term.loss][0](pair, term, covariance, lam)
 
     def pair(self, name: str, term: LossTerm, out: Any, teacher_out: Any, labels: Tensor) -> Pair:
         """Logits and classifier rows, or adapted features and adapter rows, for one term."""
         if LOSSES[term.loss][1] == "features":
-            adapter = self.adapters[name]
+            adapter = cast(nn.Conv2d, self.adapters[name])
             student, weight = adapter(out.features.float()), adapter.weight[:, :, 0, 0]
             teacher = teacher_out.features
         else:

@@ -17,6 +17,7 @@ the authors released no code. Usable on its own, without the rest of fakd-deploy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -190,7 +191,7 @@ def kd_loss(
 
 
 def pixel_variances(
-    weight: Tensor, covariance: Tensor, labels: Tensor, size: tuple[int, int], ignore_index: int
+    weight: Tensor, covariance: Tensor, labels: Tensor, size: Sequence[int], ignore_index: int
 ) -> Tensor:
     """s_{y_i}(j) for every pixel i (N*h*w, K); ignored pixels get 0 (they are not augmented)."""
     s = class_variances(weight, covariance)

@@ -7,11 +7,13 @@ pieces below, so at lam = 0 they run exactly the same operations as these losses
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour resize of an (N, H, W) label map; labels are never interpolated."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
@@ -31,7 +33,7 @@ def pixel_rows(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def valid_pixels(labels: Tensor | None, size: tuple[int, int], ignore_index: int) -> Tensor | None:
+def valid_pixels(labels: Tensor | None, size: Sequence[int], ignore_index: int) -> Tensor | None:
     """Boolean (N*h*w,) mask of pixels whose nearest-downsampled label is not ignored."""
     if labels is None:
         return None

@@ -7,7 +7,7 @@ both the config (`arch`) and the weights (`model`).
 from fakd_deploy.models.checkpoint import Checkpoint, CheckpointError, import_state_dict, load_model
 from fakd_deploy.models.heads import HEADS, Head
 from fakd_deploy.models.predictor import TorchPredictor
-from fakd_deploy.models.segmenter import Encoder, ModelOutput, Segmenter, build_model
+from fakd_deploy.models.segmenter import Encoder, ModelOutput, SegmentationModel, Segmenter, build_model
 from fakd_deploy.models.zoo import ENCODERS, list_models, models_table
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Encoder",
     "Head",
     "ModelOutput",
+    "SegmentationModel",
     "Segmenter",
     "TorchPredictor",
     "build_model",

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fakd_deploy.errors import ArtifactError, WriteFailed
 from fakd_deploy.models.segmenter import Segmenter, build_model
+from fakd_deploy.recipe import Recipe, parse_recipe
 from fakd_deploy.utils import atomic_write
 
 FORMAT = "fakd-deploy checkpoint"
@@ -80,6 +81,10 @@ class Checkpoint:
         if not isinstance(known["arch"], dict) or not isinstance(known["model"], dict):
             raise CheckpointError(f"{path}: 'arch' and 'model' must be mappings")
         return cls(**known)
+
+    def recipe_config(self) -> Recipe | None:
+        """The stored recipe, validated (the one parse of a checkpoint's recipe)."""
+        return parse_recipe(self.recipe) if self.recipe else None
 
     def build(self, source: str = "the checkpoint") -> Segmenter:
         """The model with these weights, in eval mode."""

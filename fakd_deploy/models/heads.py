@@ -11,7 +11,7 @@ Adding a head is one `Head` subclass plus one line in `HEADS`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +186,17 @@ class LRASPPHead(Head):
         return torch.cat([upsample_to(self.cbr(x) * self.scale(x), low), low], dim=1)
 
 
-HEADS: dict[str, type[Head]] = {
+class HeadClass(Protocol):
+    """What `build_model` needs of a head class: its default width and this constructor
+    (a head's own options, such as `rates` or `bins`, come as further keywords)."""
+
+    @property
+    def default_channels(self) -> int: ...
+
+    def __call__(self, in_channels: Sequence[int], output_stride: int, channels: int) -> Head: ...
+
+
+HEADS: dict[str, HeadClass] = {
     "deeplabv3": DeepLabV3Head,
     "deeplabv3plus": DeepLabV3PlusHead,
     "pspnet": PSPHead,

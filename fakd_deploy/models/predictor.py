@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:
+    from fakd_deploy.models.segmenter import SegmentationModel
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -22,7 +26,7 @@ class TorchPredictor:
     """
 
     def __init__(
-        self, model: nn.Module, device: torch.device | str = "cpu", threads: int | None = None
+        self, model: SegmentationModel, device: torch.device | str = "cpu", threads: int | None = None
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeGuard, cast
 
 import timm
 import torch
+from timm.models import FeatureInfo
 from torch import Tensor, nn
 
 from fakd_deploy.errors import BadInput
@@ -27,6 +28,34 @@ class ModelOutput:
     aux_logits: Tensor | None = None
 
 
+class SegmentationModel(Protocol):
+    """The model contract (docs/architecture.md) that training, distillation and prediction rely on.
+
+    `Segmenter` meets it; so does any nn.Module with these members. `training` and the
+    methods after `forward_train` are plain nn.Module members that those stages use.
+    """
+
+    num_classes: int
+    feat_dim: int  # channels of the classifier's input, the `features` of `forward_train`
+    classifier: nn.Conv2d  # the last op: logits = classifier(features)
+    config: dict[str, Any]  # `build_model(**config)` rebuilds the model
+    training: bool
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def forward_train(self, x: Tensor) -> ModelOutput: ...
+
+    def train(self, mode: bool = True) -> SegmentationModel: ...
+
+    def eval(self) -> SegmentationModel: ...
+
+    def requires_grad_(self, requires_grad: bool = True) -> SegmentationModel: ...
+
+    def to(self, device: torch.device) -> SegmentationModel: ...
+
+    def state_dict(self, *, prefix: str = "") -> dict[str, Any]: ...
+
+
 class Encoder(nn.Module):
     """A timm backbone as a four-level pyramid, dilated so its last level is at `output_stride`."""
 
@@ -40,8 +69,9 @@ class Encoder(nn.Module):
                 "timm.list_models() lists every timm name)"
             )
         self.body = _create_encoder(name, output_stride, pretrained)
-        self.channels: list[int] = self.body.feature_info.channels()
-        if self.body.feature_info.reduction()[-1] != output_stride:
+        info = cast(FeatureInfo, self.body.feature_info)  # every features_only timm model has one
+        self.channels: list[int] = info.channels()
+        if info.reduction()[-1] != output_stride:
             raise BadInput(f"encoder '{name}' cannot run at output_stride={output_stride}")
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -133,7 +163,7 @@ def _create_encoder(name: str, output_stride: int, pretrained: bool | str | Path
         raise BadInput(
             f"could not download ImageNet weights for '{hub_name}' (offline?): download them elsewhere "
             f"and pass pretrained=/path/to/{name}.pth (a timm state dict, e.g. the model.safetensors "
-            f"of huggingface.co/{timm.models.get_pretrained_cfg(hub_name).hf_hub_id})"
+            f"of huggingface.co/{timm.models.get_pretrained_cfg_value(hub_name, 'hf_hub_id')})"
         ) from error
 
 
@@ -146,7 +176,7 @@ def _features_only(name: str, output_stride: int, **weights: Any) -> nn.Module:
         raise BadInput(f"encoder '{name}' cannot run at output_stride={output_stride}: {error}") from None
 
 
-def _is_file(pretrained: bool | str | Path) -> bool:
+def _is_file(pretrained: bool | str | Path) -> TypeGuard[str | Path]:
     """A path names a file; a bare word such as 'resnet18.a1_in1k' names timm weights on the hub."""
     if isinstance(pretrained, bool):
         return False
@@ -163,7 +193,8 @@ def _checked_weights_file(name: str, path: Path) -> Path:
     state = unwrap_state(read_tensors(path))
     with torch.device("meta"):
         reference = timm.create_model(name, num_classes=0)
-    classifier = f"{reference.pretrained_cfg.get('classifier')}."
+    pretrained_cfg = cast(dict[str, Any], reference.pretrained_cfg)  # every timm model has one
+    classifier = f"{pretrained_cfg.get('classifier')}."
     state = {key: value for key, value in state.items() if not key.startswith(classifier)}
     own = reference.state_dict()
     missing = [key for key in own if key not in state]
@@ -178,7 +209,7 @@ def _checked_weights_file(name: str, path: Path) -> Path:
     return path
 
 
-def _hub_name(name: str, pretrained: bool | str) -> str:
+def _hub_name(name: str, pretrained: bool | str | Path) -> str:
     """True means timm's default weights of `name`; a string picks a tag, e.g. 'resnet18.a1_in1k'."""
     hub_name = name if pretrained is True else str(pretrained)
     tags = timm.list_pretrained(name)
