@@ -189,7 +189,8 @@ def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: For
         from fakd_deploy.study import run_study, study_table
 
         result = run_study(recipe, out, set_, force)
-        results.print(study_table(result))
+        if "rows" in result:  # under torchrun, rank 0 scores and reports
+            results.print(study_table(result))
         say(f"done: {result['folder']}", "green")
 
 

@@ -248,7 +248,14 @@ def _trained_student() -> tuple[object, nn.Module]:
     return _TRAINED["data"], _TRAINED["model"]
 
 
-@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "minmax",
+        pytest.param("entropy", marks=pytest.mark.slow),
+        pytest.param("percentile", marks=pytest.mark.slow),
+    ],
+)
 def test_int8_miou_close_to_fp32_through_evaluate(tmp_path: Path, method: str) -> None:
     """Both INT8 flavours, run by ONNX Runtime on CPU, keep the FP32 mIoU of a trained student."""
     from fakd_deploy.evaluate import evaluate

@@ -134,6 +134,7 @@ def test_dynamo_failure_falls_back_to_torchscript(tmp_path: Path, monkeypatch: p
     assert OrtPredictor(tmp_path / "m.onnx")(randn(3, 3, 32, 32)).shape[0] == 3
 
 
+@pytest.mark.slow
 def test_deeplabv3_resnet18_os8_parity_at_360x480(tmp_path: Path) -> None:
     from fakd_deploy.models import build_model
 

@@ -9,8 +9,6 @@ first-order tightness in test_fakd.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from test_fakd import MC_SAMPLES, MC_SIGMAS, expected_kd, kd_per_draw, make_problem, sample_logits
@@ -20,13 +18,7 @@ from fakd_deploy.distill import fakd, losses
 TAU, LAM = 2.0, 1.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: a second thread only adds start-up and contention costs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only costs
 
 
 def shifted(weight: torch.Tensor, seed: int = 5, size: float = 3.0) -> torch.Tensor:

@@ -10,7 +10,6 @@ checked to move by more than 5 % between lam = 0 and the lam used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,12 +25,7 @@ CLASSES, PROGRESS = 3, 0.5
 TOL = {"rel": 1e-4, "abs": 1e-6}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only costs
 
 
 def setup(ignore: int) -> tuple[TinySegmenter, TinySegmenter, torch.Tensor, torch.Tensor]:

@@ -252,17 +252,9 @@ def test_sigkill_mid_training_resumes_and_finishes(tmp_path: Path) -> None:
     assert load(out / "teacher" / "best.pt").step == 60
 
 
-@pytest.mark.slow
-def test_torchrun_two_cpu_ranks_train_and_pool_fakd_statistics(
-    tmp_path: Path, free_port: Callable[[], int]
-) -> None:
-    """`torchrun --nproc_per_node 2` (gloo): a teacher, then a FAKD student from it.
-
-    With no scale augmentation every crop pixel is labelled, so the FAKD estimator in the
-    student's last.pt must have counted steps x ranks x batch x (8 x 8 head pixels): both
-    ranks' pixels, all-reduced inside the training loop.
-    """
-    steps, ranks, batch = 3, 2, 2
+def distributed_args(out: Path, steps: int, batch: int) -> list[str]:
+    """The tiny recipe at 64x64 without scale augmentation: every crop pixel is labelled, and
+    the student's head is 8 x 8, so a FAKD estimator counts steps x processes x batch x 64."""
     overrides = [
         "data.options.num_images=16",
         f"data.batch_size={batch}",
@@ -275,7 +267,21 @@ def test_torchrun_two_cpu_ranks_train_and_pool_fakd_statistics(
         f"student.train.eval_every={steps}",
         "student.model.output_stride=8",
     ]
-    common = [str(TINY), "--out", str(tmp_path), *[arg for item in overrides for arg in ("--set", item)]]
+    return [str(TINY), "--out", str(out), *[arg for item in overrides for arg in ("--set", item)]]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_train_and_pool_fakd_statistics(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    """`torchrun --nproc_per_node 2` (gloo): a teacher, then a FAKD student from it.
+
+    With no scale augmentation every crop pixel is labelled, so the FAKD estimator in the
+    student's last.pt must have counted steps x ranks x batch x (8 x 8 head pixels): both
+    ranks' pixels, all-reduced inside the training loop.
+    """
+    steps, ranks, batch = 3, 2, 2
+    common = distributed_args(tmp_path, steps, batch)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command in (["train", "--role", "teacher"], ["distill", "--variant", "fakd_kd"]):
         launch = [
@@ -309,19 +315,7 @@ def test_two_nodes_train_one_student_and_pool_fakd_statistics(
     run folder: rank 0 (on node 0) holds the lock and writes; the estimator counts both
     nodes' pixels."""
     steps, batch = 3, 2
-    overrides = [
-        "data.options.num_images=16",
-        f"data.batch_size={batch}",
-        "data.scale=[1.0, 1.0]",
-        "data.options.size=64",
-        "data.crop=[64, 64]",
-        "teacher.train.steps=2",
-        "teacher.train.eval_every=2",
-        f"student.train.steps={steps}",
-        f"student.train.eval_every={steps}",
-        "student.model.output_stride=8",
-    ]
-    common = [str(TINY), "--out", str(tmp_path), *[arg for item in overrides for arg in ("--set", item)]]
+    common = distributed_args(tmp_path, steps, batch)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     teacher = subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), "train", *common],
