@@ -16,7 +16,13 @@ from torch import nn
 
 from fakd_deploy.deploy.bench import add_deltas, bench, bench_run, candidates, split_backends
 from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_latency
-from fakd_deploy.deploy.report import pareto_front, report_table, to_markdown, write_report
+from fakd_deploy.deploy.report import (
+    figure_of,
+    pareto_front,
+    report_table,
+    to_markdown,
+    write_report,
+)
 from fakd_deploy.errors import BadInput
 from fakd_deploy.recipe import BenchConfig, parse_recipe
 from fakd_deploy.runfolder import RunFolder
@@ -269,3 +275,20 @@ def test_pareto_front_and_deltas() -> None:
     assert rows[1]["speedup"] == 2.5 and rows[2]["speedup"] == 2.0 and rows[0]["speedup"] == 1.0
     assert rows[2]["pass"] is False and rows[4]["delta_miou"] is None
     assert "| a |" in to_markdown({"header": {}, "rows": rows})
+
+
+def test_plot_labels_do_not_cover_each_other() -> None:
+    """An FP32 and an INT8 row at one mIoU, a few ms apart: their labels are moved apart."""
+    rows = [
+        _fake("fakd_kd_s0", "ort-cpu-int8", 68.0, 1.3),
+        _fake("fakd_kd_s0", "ort-cpu-fp32", 68.0, 3.2),
+        _fake("fakd_kd_s0", "pytorch", 68.0, 8.2),
+        _fake("kd_s0", "pytorch", 67.6, 8.2),
+        _fake("teacher", "pytorch", 75.2, 13.0),
+    ]
+    figure = figure_of({"header": {}, "rows": rows})
+    (axes,) = figure.axes
+    boxes = [text.get_window_extent() for text in axes.texts]
+    assert len(boxes) == len(rows)
+    overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    assert not overlapping

@@ -154,6 +154,12 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
+    """report.png: the figure of `figure_of`, written atomically."""
+    figure = figure_of(result)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=figure.dpi))
+
+
+def figure_of(result: dict[str, Any]) -> Any:
     """Latency p50 against mIoU, one labelled point per ok row, the Pareto front joined.
 
     Latency is in plain milliseconds on a log axis when the rows span more than 10x;
@@ -179,7 +185,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             match[2].append(label)
         else:
             clusters.append((x, y, [label]))
-    for x, y, labels in clusters:
+    annotations = [
         axes.annotate(
             "\n".join(labels),
             (x, y),
@@ -188,6 +194,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             fontsize=8,
             verticalalignment="bottom",
         )
+        for x, y, labels in clusters
+    ]
     if front:
         axes.plot(
             [r["latency_ms"]["p50"] for r in front],
@@ -219,7 +227,33 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes.set_ylabel("mIoU (%)")
     axes.set_title(_title(result["header"]), fontsize=8)
     axes.grid(alpha=0.3)
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    figure.set_dpi(120)
+    _keep_apart(figure, annotations)
+    return figure
+
+
+def _keep_apart(figure: Any, annotations: list[Any]) -> None:
+    """Move each label, left to right, above or below its point until it overlaps no earlier one.
+
+    Points at one mIoU but different latencies (an FP32 and an INT8 row of one model) would
+    otherwise print their labels over each other.
+    """
+    figure.draw_without_rendering()  # lays the figure out, so the text extents are final
+    placed: list[Any] = []
+    for note in sorted(annotations, key=lambda a: a.xy[0]):
+        height = note.get_window_extent().height * 72 / figure.dpi + 2  # points
+        for step in range(len(annotations) + 1):
+            for sign in (1, -1):
+                dy = sign * (4 + step * height)
+                note.set_position((6, dy))
+                note.set_verticalalignment("bottom" if sign > 0 else "top")
+                box = note.get_window_extent()
+                if not any(box.overlaps(other) for other in placed):
+                    break
+            else:
+                continue
+            break
+        placed.append(note.get_window_extent())
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
