@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, numpy_helper
-from onnx import helper as oh
+from onnx_graphs import onnx_segmenter
 
 from fakd_deploy.deploy import cuda
 from fakd_deploy.deploy.backends import build, open_backend, unavailable_reason
@@ -30,59 +29,6 @@ needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"needs TensorRT and a
 SIZE = (64, 96)
 
 
-def _segmenter(batch: int | str, classes: int = 5) -> onnx.ModelProto:
-    """stem conv, residual block, 1x1 classifier, bilinear upsampling: what INT8 has to handle."""
-    rng = np.random.default_rng(0)
-    inits, nodes = [], []
-
-    def conv(name: str, x: str, cin: int, cout: int, k: int, stride: int = 1) -> str:
-        inits.extend(
-            [
-                numpy_helper.from_array(
-                    rng.standard_normal((cout, cin, k, k)).astype(np.float32) * (2 / (cin * k * k)) ** 0.5,
-                    f"{name}.w",
-                ),
-                numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.b"),
-            ]
-        )
-        nodes.append(
-            oh.make_node(
-                "Conv",
-                [x, f"{name}.w", f"{name}.b"],
-                [name],
-                name=name,
-                kernel_shape=[k, k],
-                pads=[k // 2] * 4,
-                strides=[stride] * 2,
-            )
-        )
-        return name
-
-    def relu(x: str) -> str:
-        nodes.append(oh.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
-        return f"{x}.relu"
-
-    stem = relu(conv("stem", "images", 3, 16, 3, 2))
-    body = conv("b2", relu(conv("b1", stem, 16, 16, 3)), 16, 16, 3)
-    nodes.append(oh.make_node("Add", [body, stem], ["res"], name="res"))
-    conv("classifier", relu("res"), 16, classes, 1)
-    inits += [
-        numpy_helper.from_array(np.array([], np.float32), "roi"),
-        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
-    ]
-    nodes.append(
-        oh.make_node("Resize", ["classifier", "roi", "scales"], ["logits"], name="up", mode="linear")
-    )
-    graph = oh.make_graph(
-        nodes,
-        "segmenter",
-        [oh.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, *SIZE])],
-        [oh.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes, *SIZE])],
-        inits,
-    )
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
-
-
 def _images(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 3, *SIZE)).astype(np.float32)
 
@@ -90,7 +36,7 @@ def _images(count: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(params=[2, "batch"], ids=["static-batch-2", "dynamic-batch"])
 def fp32(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     path = tmp_path / "m.onnx"
-    onnx.save(_segmenter(request.param), str(path))
+    onnx.save(onnx_segmenter(request.param, SIZE, channels=16, aspp=False), str(path))
     return path
 
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
+from onnx_graphs import onnx_segmenter
 
 from fakd_deploy.deploy.fp16 import to_fp16
 from fakd_deploy.deploy.qdq import (
@@ -22,65 +23,6 @@ from fakd_deploy.deploy.quantize import quantize_ort_int8, quantize_tensorrt_int
 
 SIZE = (32, 48)
 RNG = np.random.default_rng(0)
-
-
-def _conv(
-    nodes: list, inits: list, name: str, x: str, cin: int, cout: int, k: int = 3, stride: int = 1
-) -> str:
-    weight = RNG.standard_normal((cout, cin, k, k)).astype(np.float32) * (2 / (cin * k * k)) ** 0.5
-    inits += [
-        numpy_helper.from_array(weight, f"{name}.w"),
-        numpy_helper.from_array(RNG.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.b"),
-    ]
-    nodes.append(
-        oh.make_node(
-            "Conv",
-            [x, f"{name}.w", f"{name}.b"],
-            [name],
-            name=name,
-            kernel_shape=[k, k],
-            pads=[k // 2] * 4,
-            strides=[stride, stride],
-        )
-    )
-    return name
-
-
-def _relu(nodes: list, x: str) -> str:
-    nodes.append(oh.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
-    return f"{x}.relu"
-
-
-def segmenter(classes: int = 5, downsample_shortcut: bool = False) -> onnx.ModelProto:
-    """A segmenter in miniature: stem, a residual block, an ASPP-like concat, 1x1 classifier, resize."""
-    nodes: list = []
-    inits: list = []
-    stem = _relu(nodes, _conv(nodes, inits, "stem", "images", 3, 8, stride=2))
-    body = _conv(nodes, inits, "b2", _relu(nodes, _conv(nodes, inits, "b1", stem, 8, 8)), 8, 8)
-    skip = _conv(nodes, inits, "down", stem, 8, 8, k=1) if downsample_shortcut else stem
-    nodes.append(oh.make_node("Add", [body, skip], ["res"], name="res"))
-    res = _relu(nodes, "res")
-    branches = [_relu(nodes, _conv(nodes, inits, f"aspp{k}", res, 8, 4, k=k)) for k in (1, 3)]
-    nodes.append(oh.make_node("Concat", branches, ["cat"], name="cat", axis=1))
-    head = _relu(nodes, _conv(nodes, inits, "proj", "cat", 8, 8, k=1))
-    _conv(nodes, inits, "classifier", head, 8, classes, k=1)
-    inits += [
-        numpy_helper.from_array(np.array([], np.float32), "roi"),
-        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
-    ]
-    nodes.append(
-        oh.make_node("Resize", ["classifier", "roi", "scales"], ["logits"], name="upsample", mode="linear")
-    )
-    graph = oh.make_graph(
-        nodes,
-        "segmenter",
-        [oh.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, *SIZE])],
-        [oh.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes, *SIZE])],
-        inits,
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def images(count: int, seed: int = 1) -> list[np.ndarray]:
@@ -97,7 +39,7 @@ def run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("qdq") / "m.onnx"
-    onnx.save(segmenter(), str(path))
+    onnx.save(onnx_segmenter(), str(path))
     return path
 
 
@@ -284,16 +226,16 @@ def test_residual_add_with_float_skip_is_advice(fp32: Path) -> None:
 
 
 def test_downsampling_shortcut_keeps_the_longer_branch_as_main() -> None:
-    model = segmenter(downsample_shortcut=True)
+    model = onnx_segmenter(downsample_shortcut=True)
     assert residual_main_inputs(model) == {"res": 0}  # b2 (two convs deep), not the 1x1 shortcut
-    swapped = segmenter(downsample_shortcut=True)
+    swapped = onnx_segmenter(downsample_shortcut=True)
     add = next(n for n in swapped.graph.node if n.name == "res")
     add.input[0], add.input[1] = add.input[1], add.input[0]
     assert residual_main_inputs(swapped) == {"res": 1}
 
 
 def test_tensorrt_model_with_downsampling_shortcut(tmp_path: Path) -> None:
-    onnx.save(segmenter(downsample_shortcut=True), str(tmp_path / "d.onnx"))
+    onnx.save(onnx_segmenter(downsample_shortcut=True), str(tmp_path / "d.onnx"))
     model = onnx.load(str(quantize_tensorrt_int8(tmp_path / "d.onnx", tmp_path / "d.qdq.onnx", images(2))))
     assert check_tensorrt_qdq(model) == [] and fusion_advice(model) == []
 
@@ -321,7 +263,7 @@ def test_fp16_keeps_float_io_and_agrees_with_fp32(
 
 
 def test_fp16_refuses_custom_domains() -> None:
-    model = segmenter()
+    model = onnx_segmenter()
     model.graph.node[0].domain = "com.example"
     with pytest.raises(ValueError, match=r"com\.example"):
         to_fp16(model)
