@@ -158,7 +158,8 @@ def test_bad_configurations_fail_at_construction() -> None:
         LossTerm(loss="nope")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="bound"):
         LossTerm(loss="kd", bound="tight", lam0=1.0)  # type: ignore[arg-type]
-    with pytest.raises(BadInput, match="teacher"):
+    without_teacher = r"^distillation terms need a teacher \(a .teacher. section in the recipe\)$"
+    with pytest.raises(BadInput, match=without_teacher):
         Distiller(student, None, [LossTerm(loss="kd")], CLASSES)
     assert {"kd", "cwd", "cwd_feat", "mse_feat"} <= set(LOSSES)
 

@@ -3,7 +3,9 @@ albumentations and OpenCV cannot be imported, as on a Jetson without the trainin
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,36 @@ def test_a_checkpoint_on_the_edge_says_what_to_install(artifacts: dict[str, Path
     done = edge("evaluate", artifacts["checkpoint"])
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "torch" in done.stderr and "[train]" in done.stderr
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def _extra(requirement: str) -> str | None:
+    found = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+    return found.group(1) if found else None
+
+
+def test_the_gpu_install_brings_one_onnx_runtime_build() -> None:
+    """onnxruntime and onnxruntime-gpu install the same module, file by file: never both.
+
+    Neither the core nor an extra a GPU user combines with `gpu` (`train`) may pull in the
+    CPU build, directly or through an installed dependency. Read from the installed
+    package's metadata: what pip resolves.
+    """
+    requirements = importlib.metadata.requires("fakd-deploy") or []
+    by_extra: dict[str | None, list[str]] = {}
+    for requirement in requirements:
+        by_extra.setdefault(_extra(requirement), []).append(requirement)
+    assert "onnxruntime-gpu" in _names(by_extra["gpu"])
+    assert "onnxruntime" in _names(by_extra["cpu"])
+    beside_gpu = by_extra[None] + by_extra["train"]
+    assert "onnxruntime" not in _names(beside_gpu + by_extra["gpu"])
+    for name in _names(beside_gpu):
+        try:
+            pulled = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        unconditional = [r for r in pulled if _extra(r) is None]
+        assert "onnxruntime" not in _names(unconditional), f"{name} pulls in onnxruntime"

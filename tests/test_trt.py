@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 import types
@@ -361,3 +362,145 @@ def test_missing_tensorrt_or_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "12.0.0")
     with pytest.raises(BackendUnavailable, match=r"12\.0\.0 is not supported"):
         trt_module.import_tensorrt()
+
+
+class FakeCudaRuntime:
+    """cuda-python's runtime on host memory: 'device' buffers are ctypes buffers, calls are logged."""
+
+    cudaStreamNonBlocking = 1
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="H2D", cudaMemcpyDeviceToHost="D2H")
+    STREAM = 0x5000  # the legacy default stream is 0
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Any] = {}
+        self.calls: list[tuple] = []
+
+    def _alloc(self, nbytes: int) -> tuple[int, int]:
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.buffers[ctypes.addressof(buffer)] = buffer
+        return 0, ctypes.addressof(buffer)
+
+    cudaMalloc = cudaMallocHost = _alloc
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        self.buffers.pop(ptr, None)
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, int]:
+        self.calls.append(("create stream", flags))
+        return 0, self.STREAM
+
+    def cudaStreamDestroy(self, stream: int) -> tuple[int]:
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: str, stream: int) -> tuple[int]:
+        self.calls.append((kind, stream))
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
+        self.calls.append(("sync", stream))
+        return (0,)
+
+    def cudaEventCreate(self) -> tuple[int, str]:
+        return 0, "event"
+
+    def cudaEventRecord(self, event: str, stream: int) -> tuple[int]:
+        self.calls.append(("event", stream))
+        return (0,)
+
+    def cudaEventSynchronize(self, event: str) -> tuple[int]:
+        return (0,)
+
+    def cudaEventElapsedTime(self, start: str, end: str) -> tuple[int, float]:
+        return 0, 1.5
+
+    def cudaEventDestroy(self, event: str) -> tuple[int]:
+        return (0,)
+
+
+def _add_engine_runtime(fake: FakeTensorRT, cudart: FakeCudaRuntime, max_batch: int) -> None:
+    """An engine with a dynamic batch (1..max_batch) whose output is twice its input."""
+    shape = (3, 16, 16)
+    fake.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    fake.nptype = lambda dtype: np.float32
+
+    class Context:
+        def __init__(self) -> None:
+            self.batch, self.addresses = 0, {}
+
+        def set_input_shape(self, name: str, dims: tuple) -> None:
+            self.batch = dims[0]
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return (self.batch, *shape)
+
+        def set_tensor_address(self, name: str, ptr: int) -> None:
+            self.addresses[name] = ptr
+
+        def execute_async_v3(self, stream: int) -> bool:
+            cudart.calls.append(("execute", stream))
+            count = self.batch * int(np.prod(shape))
+            source = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["images"]))
+            target = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["logits"]))
+            target[:] = 2 * source
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, index: int) -> str:
+            return ("images", "logits")[index]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "in" if name == "images" else "out"
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return (-1, *shape)
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple]:
+            return [(1, *shape), (1, *shape), (max_batch, *shape)]
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return "DataType.FLOAT"
+
+        def create_execution_context(self) -> Context:
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> Engine:
+            return Engine()
+
+    fake.Runtime = Runtime
+
+
+def test_engine_runs_on_a_non_blocking_stream_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every copy, the execution, the synchronisation and the timing events use one stream, never 0."""
+    fake = _install(monkeypatch, "10.3.0")
+    cudart = FakeCudaRuntime()
+    monkeypatch.setattr(cuda, "runtime", lambda: cudart)
+    _add_engine_runtime(fake, cudart, max_batch=2)
+    engine = tmp_path / "m.fp16.engine"
+    engine.write_bytes(b"engine")
+    sidecar_path(engine).write_text(json.dumps({**H100, "tensorrt": "10.3.0"}))
+
+    predictor = TrtPredictor(engine)
+    images = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(predictor(images), 2 * images)  # 5 images in batches of 2, 2, 1
+    assert cudart.calls[0] == ("create stream", FakeCudaRuntime.cudaStreamNonBlocking)
+    work = cudart.calls[1:]
+    assert [kind for kind, _ in work].count("execute") == 3
+    assert [kind for kind, _ in work].count("H2D") == [kind for kind, _ in work].count("D2H") == 3
+    assert {stream for _, stream in work} == {FakeCudaRuntime.STREAM}
+
+    cudart.calls.clear()
+    assert predictor.gpu_compute_ms(images, warmup_s=0.0, seconds=0.0, iters=4) == [1.5] * 4
+    events = [stream for kind, stream in cudart.calls if kind == "event"]
+    assert events == [FakeCudaRuntime.STREAM] * 8
