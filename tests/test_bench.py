@@ -18,6 +18,7 @@ from fakd_deploy.deploy.bench import add_deltas, bench, bench_run, candidates, s
 from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_latency
 from fakd_deploy.deploy.report import (
     figure_of,
+    keep_labels_apart,
     pareto_front,
     report_table,
     to_markdown,
@@ -290,5 +291,22 @@ def test_plot_labels_do_not_cover_each_other() -> None:
     (axes,) = figure.axes
     boxes = [text.get_window_extent() for text in axes.texts]
     assert len(boxes) == len(rows)
+    assert not any(box.overlaps(axes.get_legend().get_window_extent()) for box in boxes)
     overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
     assert not overlapping
+
+
+def test_a_label_under_the_legend_is_moved_out() -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4, 3), dpi=100)
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], label="Pareto front")
+    axes.legend(loc="upper right")
+    axes.scatter([0.8], [0.97])
+    note = axes.annotate("a label under the legend", (0.8, 0.97), textcoords="offset points", xytext=(6, 4))
+    figure.draw_without_rendering()
+    legend = axes.get_legend()
+    assert note.get_window_extent().overlaps(legend.get_window_extent())  # the case is real
+    keep_labels_apart(figure, [note])
+    assert not note.get_window_extent().overlaps(legend.get_window_extent())

@@ -228,18 +228,20 @@ def figure_of(result: dict[str, Any]) -> Any:
     axes.set_title(_title(result["header"]), fontsize=8)
     axes.grid(alpha=0.3)
     figure.set_dpi(120)
-    _keep_apart(figure, annotations)
+    keep_labels_apart(figure, annotations)
     return figure
 
 
-def _keep_apart(figure: Any, annotations: list[Any]) -> None:
-    """Move each label, left to right, above or below its point until it overlaps no earlier one.
+def keep_labels_apart(figure: Any, annotations: list[Any]) -> None:
+    """Move each label, left to right, above or below its point until it overlaps no earlier
+    one and not the legend.
 
     Points at one mIoU but different latencies (an FP32 and an INT8 row of one model) would
     otherwise print their labels over each other.
     """
     figure.draw_without_rendering()  # lays the figure out, so the text extents are final
-    placed: list[Any] = []
+    legend = figure.axes[0].get_legend()
+    placed: list[Any] = [legend.get_window_extent()] if legend else []
     for note in sorted(annotations, key=lambda a: a.xy[0]):
         height = note.get_window_extent().height * 72 / figure.dpi + 2  # points
         for step in range(len(annotations) + 1):
