@@ -214,21 +214,11 @@ def _trained_student() -> tuple[object, nn.Module]:
     """ResidualSegmenter fitted for seconds to the synthetic training split (no augmentation)."""
     if not _TRAINED:
         from fakd_deploy.loaders import val_dataset
-        from fakd_deploy.recipe import parse_recipe
+        from fakd_deploy.recipe import DataConfig
 
-        data = parse_recipe(
-            {
-                "name": "t",
-                "data": {
-                    "name": "synthetic",
-                    "options": {"num_images": 32, "size": 64, "num_classes": 6},
-                    "crop": [64, 64],
-                    "batch_size": 8,
-                    "val_batch_size": 8,
-                },
-                "student": {"variants": {"baseline": []}},
-            }
-        ).data
+        data = DataConfig(
+            name="synthetic", options={"num_images": 32, "size": 64, "num_classes": 6}, crop=(64, 64)
+        )
         train = val_dataset(data, data.train_split)
         pairs = [train[i] for i in range(len(train))]
         images = torch.from_numpy(np.stack([image for image, _ in pairs]))
