@@ -29,7 +29,7 @@ from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.models import Checkpoint, Segmenter, TorchPredictor, build_model, import_state_dict
 from fakd_deploy.models.predictor import resolve_device
-from fakd_deploy.recipe import Recipe, TrainConfig, load_recipe
+from fakd_deploy.recipe import DataConfig, Recipe, TrainConfig, load_recipe
 from fakd_deploy.runfolder import Manifest, RunFolder, RunLock, stage_key
 from fakd_deploy.train import Job, fit, init_distributed, rank_and_world, resolve_workers, seed_everything
 from fakd_deploy.utils import save_json, save_text
@@ -131,6 +131,13 @@ def preflight(recipe: Recipe, teacher: Path | None = None) -> tuple[int, list[st
 
     num_classes, class_names = loaders.dataset_info(recipe.data)
     loaders.train_dataset(recipe.data)
+    if recipe.teacher is not None and recipe.teacher.data:
+        teacher_classes, _ = loaders.dataset_info(recipe.teacher_data())
+        loaders.train_dataset(recipe.teacher_data())
+        if teacher_classes != num_classes:
+            raise BadInput(
+                f"teacher.data gives {teacher_classes} classes but the student's data has {num_classes}"
+            )
     for where, model in (
         ("student.model", recipe.student.model),
         ("teacher.model", recipe.teacher.model if recipe.teacher else None),
@@ -175,9 +182,15 @@ def session(
 
 
 def _job(
-    s: Session, train_cfg: TrainConfig, out_dir: Path, seed: int, description: str, meta: dict[str, Any]
+    s: Session,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    seed: int,
+    description: str,
+    meta: dict[str, Any],
+    data: DataConfig | None = None,
 ) -> Job:
-    data = s.recipe.data
+    data = data or s.recipe.data
     return Job(
         out_dir=out_dir,
         num_classes=s.num_classes,
@@ -219,6 +232,7 @@ def train_teacher(s: Session) -> Path:
             s.recipe.seed,
             "teacher",
             {"role": "teacher", "variant": None, "seed": s.recipe.seed},
+            s.recipe.teacher_data(),
         )
         if cfg.weights:
             metrics = adopt_weights(model, job, cfg.weights, cfg.weights_import.model_dump())
@@ -233,7 +247,13 @@ def train_teacher(s: Session) -> Path:
     s.stage(
         "teacher",
         stage_key(
-            s.recipe.data, cfg.model, cfg.train, cfg.weights_import, s.recipe.seed, s.class_names, *weights
+            s.recipe.teacher_data(),
+            cfg.model,
+            cfg.train,
+            cfg.weights_import,
+            s.recipe.seed,
+            s.class_names,
+            *weights,
         ),
         work,
     )

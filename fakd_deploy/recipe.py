@@ -172,10 +172,16 @@ class ImportConfig(Section):
 
 
 class TeacherConfig(Section):
-    """A teacher trained here (`model` + `train`), or adopted: `checkpoint` or `weights`."""
+    """A teacher trained here (`model` + `train`), or adopted: `checkpoint` or `weights`.
+
+    `data` holds the keys of the recipe's `data` section that differ for the teacher, e.g.
+    `{options: {num_images: {train: 4096}}}` for a teacher trained on more images than the
+    student's labelled set; it is merged over `data` (mappings key by key).
+    """
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    data: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     weights: str | None = None
     weights_import: ImportConfig = Field(default_factory=ImportConfig)
@@ -336,6 +342,12 @@ class Recipe(Section):
             )
         return self
 
+    def teacher_data(self) -> DataConfig:
+        """The data the teacher trains on: `data` with `teacher.data` merged over it."""
+        if self.teacher is None or not self.teacher.data:
+            return self.data
+        return DataConfig.model_validate(merged(self.data.model_dump(mode="json"), self.teacher.data))
+
     def export_variant(self) -> str:
         return self.deploy.export.variant or list(self.student.variants)[-1]
 
@@ -382,12 +394,23 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(text) if text.strip() else None
 
 
-def _format(error: ValidationError) -> str:
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it; nested mappings are merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _format(error: ValidationError, prefix: str = "") -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "recipe"
+        key = ".".join([prefix] * bool(prefix) + [str(part) for part in item["loc"]]) or "recipe"
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown recipe key '{key}'")
+        elif isinstance(item.get("input"), dict | list):  # a whole section: its value says nothing
+            where = f"recipe key '{key}'" if item["loc"] else "recipe"
+            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"recipe key '{key}': {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
@@ -399,9 +422,14 @@ def parse_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     for assignment in overrides:
         apply_override(raw, assignment)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise RecipeError(_format(error)) from None
+    try:
+        recipe.teacher_data()
+    except ValidationError as error:
+        raise RecipeError(_format(error, "teacher.data")) from None
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fakd_deploy.data.base import IGNORE, Transform
+from fakd_deploy.data.base import IGNORE, MissingSplit, Transform
 from fakd_deploy.errors import DatasetError
 
 TEXTURES = ("stripes", "checker", "blobs", "grain")
@@ -98,12 +98,34 @@ def draw_shape(canvas: np.ndarray, value: int, rng: np.random.Generator) -> None
     cv2.fillPoly(canvas, [np.round(corners).astype(np.int32)], value)
 
 
+SPLITS = {"train": 512, "val": 128, "test": 128}  # the splits there are, and their default sizes
+
+
+def split_size(num_images: int | dict[str, int] | None, split: str) -> int:
+    """How many images `split` has under the `num_images` option."""
+    if isinstance(num_images, dict):
+        unknown = sorted(set(num_images) - set(SPLITS))
+        if unknown:
+            raise DatasetError(
+                f"data.options.num_images names no split {', '.join(unknown)}: the splits are "
+                f"{', '.join(SPLITS)}"
+            )
+        count = num_images.get(split, SPLITS[split])
+    else:
+        count = SPLITS[split] if num_images is None else num_images
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise DatasetError(f"data.options.num_images must be a positive whole number, got {count!r}")
+    return count
+
+
 class Synthetic:
     """Textured overlapping shapes; class 0 is the background, `num_classes` >= 6.
 
     There is no `root`: giving one is an error. The class styles depend on `seed` only, so
     every split draws from the same distribution; the scenes depend on (seed, split, index),
-    so splits never share images.
+    so splits never share images. The splits are `train`, `val` and `test`: any other name
+    is refused rather than silently generating a new random set. `num_images` sizes every
+    split alike, or each by name (`{train: 4096, test: 512}`; the others keep their default).
     """
 
     def __init__(
@@ -113,7 +135,7 @@ class Synthetic:
         transform: Transform | None = None,
         ignore_index: int = IGNORE,
         size: int | tuple[int, int] = 64,
-        num_images: int | None = None,
+        num_images: int | dict[str, int] | None = None,
         seed: int = 0,
         num_classes: int = 8,
     ) -> None:
@@ -121,10 +143,14 @@ class Synthetic:
             raise DatasetError(f"the synthetic dataset is generated, not read: remove data.root ({root})")
         if num_classes < 6:
             raise DatasetError(f"synthetic data needs num_classes >= 6, got {num_classes}")
+        if split not in SPLITS:
+            raise MissingSplit(
+                f"the synthetic dataset has no split '{split}': its splits are {', '.join(SPLITS)}"
+            )
         self.ignore_index = ignore_index
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.split, self.seed, self.transform = split, seed, transform
-        self.count = num_images if num_images is not None else (512 if split == "train" else 128)
+        self.count = split_size(num_images, split)
         self.styles = class_styles(num_classes, seed)
         self.yy, self.xx = np.mgrid[0 : self.size[0], 0 : self.size[1]].astype(np.float32)
         self.class_names = ["background"] + [f"{self.styles[c].texture}_{c}" for c in range(1, num_classes)]
