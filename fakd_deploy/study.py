@@ -371,8 +371,8 @@ def run_study(
     with session(recipe, out, force) as s:
         teacher = train_teacher(s)
         best, last = {"teacher": teacher}, {"teacher": teacher}
-        for variant in recipe.student.variants:
-            for seed in recipe.student.seeds:
+        for seed in recipe.student.seeds:  # seed by seed: a study stopped early has every variant
+            for variant in recipe.student.variants:
                 best[f"{variant}_s{seed}"] = train_student(s, variant, seed, teacher)
                 last[f"{variant}_s{seed}"] = best[f"{variant}_s{seed}"].with_name("last.pt")
         if s.rank != 0:
