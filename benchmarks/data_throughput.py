@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fakd_deploy.loaders import train_dataset
+from fakd_deploy.data.splits import train_dataset
 from fakd_deploy.recipe import DataConfig
 from fakd_deploy.train import EpochSampler, SeededSamples
 

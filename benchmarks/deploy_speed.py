@@ -78,7 +78,7 @@ def main() -> None:
     model = load_model(args.checkpoint)
     rng = np.random.default_rng(0)
     if recipe:
-        from fakd_deploy.loaders import calibration_images
+        from fakd_deploy.data.splits import calibration_images
 
         calib = list(calibration_images(recipe.data, args.calib))
     else:
@@ -109,7 +109,7 @@ def main() -> None:
         )
         miou = {}
         if recipe:
-            from fakd_deploy.loaders import ValBatches, dataset_info
+            from fakd_deploy.data.splits import ValBatches, dataset_info
 
             num_classes, _ = dataset_info(recipe.data)
             for name, predictor in predictors.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fakd_deploy import loaders
+from fakd_deploy.data import splits
 from fakd_deploy.data.preprocess import resize_bilinear
 from fakd_deploy.deploy.measure import latency_stats, measure_latency
 from fakd_deploy.deploy.ort import OrtPredictor
@@ -55,7 +55,7 @@ def export(checkpoint: Path, recipe: Recipe, folder: Path) -> Path:
     cfg = recipe.deploy.export
     height, width = cfg.height, cfg.width
     if height is None or width is None:
-        image, _ = loaders.val_dataset(recipe.data)[0]
+        image, _ = splits.val_dataset(recipe.data)[0]
         height, width = image.shape[-2:]
     out = folder / f"{checkpoint.parent.name or 'model'}.onnx"
     export_onnx(checkpoint, out, int(height), int(width))
@@ -82,7 +82,7 @@ def main() -> None:
         folder = Path(tmp)
         fp32 = args.model if args.model.suffix == ".onnx" else export(args.model, recipe, folder)
         stem = fp32.name.removesuffix(".onnx")
-        calib = list(loaders.calibration_images(recipe.data, args.calib))
+        calib = list(splits.calibration_images(recipe.data, args.calib))
         models = {
             "FP32 (X.onnx)": fp32,
             "TensorRT INT8 (X.qdq.onnx)": quantize_tensorrt_int8(
@@ -92,8 +92,8 @@ def main() -> None:
                 fp32, folder / f"{stem}.int8.onnx", calib, args.method
             ),
         }
-        num_classes, _ = loaders.dataset_info(recipe.data)
-        batches = loaders.ValBatches(recipe.data, max_images=args.max_images)
+        num_classes, _ = splits.dataset_info(recipe.data)
+        batches = splits.ValBatches(recipe.data, max_images=args.max_images)
         rows = []
         for name, path in models.items():
             predictor = OrtPredictor(path, threads=args.threads)

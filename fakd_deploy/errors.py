@@ -60,6 +60,10 @@ class ArtifactError(BadInput):
     """A checkpoint, ONNX model or engine that cannot be used; the message names the file."""
 
 
+class CheckpointError(ArtifactError):
+    """A checkpoint or state dict that cannot be used; the message names the file and the problem."""
+
+
 class TrainingError(StageFailed):
     """Training stopped for a reason the user must see (a non-finite loss or weight)."""
 

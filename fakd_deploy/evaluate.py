@@ -169,7 +169,7 @@ def evaluate_file(
     that changed them is visible in the answer.
     """
     from fakd_deploy.artifacts import kind_of, open_predictor, resolve_recipe
-    from fakd_deploy.loaders import ValBatches, dataset_info
+    from fakd_deploy.data.splits import ValBatches, dataset_info
     from fakd_deploy.utils import save_json
 
     cfg = resolve_recipe(model, recipe, overrides)

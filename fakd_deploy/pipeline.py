@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fakd_deploy import __version__, loaders
+from fakd_deploy import __version__
+from fakd_deploy.data import splits
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
@@ -129,11 +130,11 @@ def preflight(recipe: Recipe, teacher: Path | None = None) -> tuple[int, list[st
     """Everything that can be checked before a run folder is touched: data, models, teacher."""
     import timm
 
-    num_classes, class_names = loaders.dataset_info(recipe.data)
-    loaders.train_dataset(recipe.data)
+    num_classes, class_names = splits.dataset_info(recipe.data)
+    splits.train_dataset(recipe.data)
     if recipe.teacher is not None and recipe.teacher.data:
-        teacher_classes, _ = loaders.dataset_info(recipe.teacher_data())
-        loaders.train_dataset(recipe.teacher_data())
+        teacher_classes, _ = splits.dataset_info(recipe.teacher_data())
+        splits.train_dataset(recipe.teacher_data())
         if teacher_classes != num_classes:
             raise BadInput(
                 f"teacher.data gives {teacher_classes} classes but the student's data has {num_classes}"
@@ -196,8 +197,8 @@ def _job(
         num_classes=s.num_classes,
         cfg=train_cfg,
         seed=seed,
-        train_set=loaders.train_dataset(data),
-        val_batches=loaders.ValBatches(data),
+        train_set=splits.train_dataset(data),
+        val_batches=splits.ValBatches(data),
         batch_size=data.batch_size,
         workers=resolve_workers(data.workers),
         device=s.device,
@@ -334,7 +335,7 @@ def evaluate_checkpoints(
     split = split or recipe.data.val_split
 
     def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        data = loaders.ValBatches(recipe.data, split)
+        data = splits.ValBatches(recipe.data, split)
         rows = []
         for label, path in checkpoints.items():
             checkpoint = Checkpoint.load(path)
@@ -386,7 +387,7 @@ def export_student(s: Session, checkpoint: Path) -> Path:
             height,
             width,
             **cfg.model_dump(exclude={"variant", "height", "width"}),
-            parity_batches=loaders.ValBatches(recipe.data, max_images=PARITY_IMAGES),
+            parity_batches=splits.ValBatches(recipe.data, max_images=PARITY_IMAGES),
         )
         return [out], {k: v for k, v in report.items() if k != "path"}
 
@@ -403,7 +404,7 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
     for name in dict.fromkeys(resolve_backend(b).name for b in recipe.deploy.backends):
 
         def work(resume: bool, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
-            calib = loaders.calibration_images(recipe.data, recipe.deploy.calib)
+            calib = splits.calibration_images(recipe.data, recipe.deploy.calib)
             path = build(onnx, backend, calib_images=calib, calib_method=recipe.deploy.calib_method)
             return [path], {"path": s.run.relative(path)}
 

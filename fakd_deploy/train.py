@@ -28,10 +28,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fakd_deploy.data.splits import ValBatches
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import Interrupted, TrainingError
 from fakd_deploy.evaluate import evaluate
-from fakd_deploy.loaders import ValBatches
 from fakd_deploy.models import Checkpoint, TorchPredictor
 from fakd_deploy.progress import progress_bar
 from fakd_deploy.recipe import EvalConfig, TrainConfig

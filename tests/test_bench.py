@@ -51,7 +51,7 @@ FAST = BenchConfig(threads=1, iters=3, warmup_s=0.0, batch=2)
 
 
 def _checkpoint(recipe: Any, role: str, variant: str | None, path: Path) -> Path:
-    from fakd_deploy.loaders import dataset_info
+    from fakd_deploy.data.splits import dataset_info
     from fakd_deploy.models import Checkpoint, build_model
 
     num_classes, names = dataset_info(recipe.data)
@@ -81,9 +81,9 @@ class OneChannel(nn.Module):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fakd_deploy.data.splits import calibration_images
     from fakd_deploy.deploy.backends import build
     from fakd_deploy.deploy.export import export_onnx
-    from fakd_deploy.loaders import calibration_images
 
     root = tmp_path_factory.mktemp("run")
     recipe = parse_recipe(RECIPE)

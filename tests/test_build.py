@@ -213,7 +213,7 @@ _TRAINED: dict[str, object] = {}
 def _trained_student() -> tuple[object, nn.Module]:
     """ResidualSegmenter fitted for seconds to the synthetic training split (no augmentation)."""
     if not _TRAINED:
-        from fakd_deploy.loaders import val_dataset
+        from fakd_deploy.data.splits import val_dataset
         from fakd_deploy.recipe import DataConfig
 
         data = DataConfig(
@@ -248,8 +248,8 @@ def _trained_student() -> tuple[object, nn.Module]:
 )
 def test_int8_miou_close_to_fp32_through_evaluate(tmp_path: Path, method: str) -> None:
     """Both INT8 flavours, run by ONNX Runtime on CPU, keep the FP32 mIoU of a trained student."""
+    from fakd_deploy.data.splits import ValBatches, calibration_images, dataset_info
     from fakd_deploy.evaluate import evaluate
-    from fakd_deploy.loaders import ValBatches, calibration_images, dataset_info
 
     data, model = _trained_student()
     onnx_path = tmp_path / "s.onnx"

@@ -346,8 +346,8 @@ def test_quantization_keeps_its_temporary_files_beside_the_model(
 ) -> None:
     import tempfile
 
+    from fakd_deploy.data.splits import calibration_images
     from fakd_deploy.deploy import quantize
-    from fakd_deploy.loaders import calibration_images
     from fakd_deploy.recipe import load_recipe
 
     seen = []

@@ -25,7 +25,7 @@ TINY = Path(__file__).resolve().parent / "recipes" / "tiny.yaml"
 
 
 def tiny_job(tmp_path: Path, steps: int = 6, **train: object) -> tuple[Distiller, Job]:
-    from fakd_deploy import loaders
+    from fakd_deploy.data import splits
 
     recipe = load_recipe(TINY)
     torch.manual_seed(0)
@@ -36,8 +36,8 @@ def tiny_job(tmp_path: Path, steps: int = 6, **train: object) -> tuple[Distiller
         num_classes=6,
         cfg=cfg,
         batch_size=4,
-        train_set=loaders.train_dataset(recipe.data),
-        val_batches=loaders.ValBatches(recipe.data),
+        train_set=splits.train_dataset(recipe.data),
+        val_batches=splits.ValBatches(recipe.data),
         seed=0,
     )
     return Distiller(model, None, [], 6), job

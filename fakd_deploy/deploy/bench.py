@@ -24,10 +24,10 @@ import numpy as np
 
 from fakd_deploy import __version__
 from fakd_deploy.artifacts import SUFFIXES, FixedSizePredictor, open_predictor, resolve_recipe
+from fakd_deploy.data.splits import ValBatches, dataset_info
 from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_gpu_compute, measure_latency
 from fakd_deploy.errors import BadInput, FakdError, error_summary
 from fakd_deploy.evaluate import evaluate
-from fakd_deploy.loaders import ValBatches, dataset_info
 from fakd_deploy.recipe import BenchConfig, Recipe
 from fakd_deploy.runfolder import RunFolder
 from fakd_deploy.utils import file_sha256

@@ -148,7 +148,7 @@ def build_file(
     """The `build` command: calibration images (INT8 only) come from the model's stored recipe,
     or `recipe`, with `--set` overrides; FP32 and FP16 builds need no recipe at all."""
     from fakd_deploy.artifacts import resolve_recipe
-    from fakd_deploy.loaders import calibration_images
+    from fakd_deploy.data.splits import calibration_images
 
     spec = resolve_backend(backend)
     if spec.precision != "int8":

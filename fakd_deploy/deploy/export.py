@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fakd_deploy import __version__, loaders
+from fakd_deploy import __version__
+from fakd_deploy.data import splits
 from fakd_deploy.deploy.onnx_meta import write_metadata
 from fakd_deploy.errors import ExportError, error_summary
 from fakd_deploy.models import Checkpoint
@@ -229,14 +230,14 @@ def export_size(recipe: Recipe) -> tuple[int, int]:
     cfg = recipe.deploy.export
     if cfg.height and cfg.width:
         return cfg.height, cfg.width
-    image, _ = loaders.val_dataset(recipe.data)[0]
+    image, _ = splits.val_dataset(recipe.data)[0]
     return int(image.shape[-2]), int(image.shape[-1])
 
 
 def _default_parity(recipe: Recipe | None, example: torch.Tensor) -> ParityBatches:
     """Validation images from the checkpoint's recipe; random ones only for a bare module."""
     if recipe is not None:
-        return loaders.ValBatches(recipe.data, max_images=PARITY_IMAGES)
+        return splits.ValBatches(recipe.data, max_images=PARITY_IMAGES)
     warnings.warn("no validation images for the parity check: comparing on random inputs", stacklevel=3)
     return [torch.randn_like(example).numpy() for _ in range(2)]
 
@@ -346,5 +347,5 @@ def export_checkpoint(
         height,
         width,
         **cfg.model_dump(exclude={"variant", "height", "width"}),
-        parity_batches=loaders.ValBatches(recipe.data, max_images=PARITY_IMAGES),
+        parity_batches=splits.ValBatches(recipe.data, max_images=PARITY_IMAGES),
     )

@@ -186,7 +186,7 @@ def _is_file(pretrained: bool | str | Path) -> TypeGuard[str | Path]:
 def _checked_weights_file(name: str, path: Path) -> Path:
     """timm loads weights into a features-only encoder non-strictly, silently keeping random
     layers when keys differ; check the file against the full architecture first."""
-    from fakd_deploy.models.checkpoint import read_tensors, unwrap_state
+    from fakd_deploy.models.weights import read_tensors, unwrap_state
 
     if not path.is_file():
         raise BadInput(f"encoder weights not found: {path}")

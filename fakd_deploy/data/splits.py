@@ -1,4 +1,4 @@
-"""Datasets as a recipe's `data` section describes them, shared by every stage.
+"""The splits a recipe's `data` section describes, shared by every stage.
 
 Everything here but `train_dataset` is numpy only: evaluation, calibration and the
 benchmark read data the same way with or without torch installed.
