@@ -91,4 +91,10 @@ def build_file(
             raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
         return build(artifact, spec)
     cfg = resolve_recipe(artifact, recipe, overrides or [])
-    return build(artifact, spec, calibration_images(cfg.data, cfg.deploy.calib), cfg.deploy.calib_method)
+    return build(
+        artifact,
+        spec,
+        calibration_images(cfg.data, cfg.deploy.calib),
+        cfg.deploy.calib_method,
+        quantizer=cfg.deploy.quantizer,
+    )

@@ -404,14 +404,22 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
 
         def work(resume: bool, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
             calib = splits.calibration_images(recipe.data, recipe.deploy.calib)
-            path = build(onnx, backend, calib_images=calib, calib_method=recipe.deploy.calib_method)
+            path = build(
+                onnx,
+                backend,
+                calib_images=calib,
+                calib_method=recipe.deploy.calib_method,
+                quantizer=recipe.deploy.quantizer,
+            )
             return [path], {"path": s.run.relative(path)}
 
-        calibration = (
+        calibration: list[object] = (
             [recipe.deploy.calib, recipe.deploy.calib_method, recipe.data]
             if resolve_backend(name).precision == "int8"
             else []
         )
+        if calibration and recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
+            calibration.append(recipe.deploy.quantizer)
         key = stage_key(name, onnx, *calibration)
         try:
             metrics = s.stage(f"build:{name}", key, work)

@@ -273,6 +273,7 @@ class DeployConfig(Section):
     )
     calib: PositiveInt = 32
     calib_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    quantizer: Literal["ort", "modelopt"] = "ort"  # who places TensorRT's Q/DQ (X.qdq.onnx)
 
 
 class BenchConfig(Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fakd_deploy import optional
 from fakd_deploy.artifacts import Artifact, ModelInfo
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.deploy.backends import BACKENDS, Backend, artifact_path, model_stem, resolve_backend
@@ -21,7 +22,11 @@ from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
 def unavailable_reason(backend: str | Backend) -> str | None:
-    """Why `backend` cannot run on this machine, or None when it can."""
+    """Why `backend` cannot run on this machine, or None when it can.
+
+    Asks only what is installed: on a device without onnxruntime (a Jetson with JetPack's
+    TensorRT) the ONNX Runtime backends say so instead of failing to import.
+    """
     spec = resolve_backend(backend)
     from fakd_deploy.deploy import cuda
 
@@ -33,6 +38,9 @@ def unavailable_reason(backend: str | Backend) -> str | None:
         except BackendUnavailable as error:
             return str(error)
         return None
+    if optional.load("onnxruntime") is None:
+        extra = "gpu" if spec.device == "cuda" else "cpu"
+        return f"onnxruntime is not installed: pip install 'fakd-deploy[{extra}]'"
     from fakd_deploy.deploy.ort import missing_provider
 
     return missing_provider(spec.provider or "") or (cuda.no_gpu_reason() if spec.device == "cuda" else None)
@@ -71,7 +79,7 @@ def check_artifact(artifact: Artifact, backend: str | Backend) -> None:
             f"{expected.upper()} models ({right.name}); {how}"
         )
     if spec.name == "ort-trt-int8":
-        from fakd_deploy.deploy.qdq import check_tensorrt_qdq
+        from fakd_deploy.deploy.qdq_rules import check_tensorrt_qdq
 
         problems = check_tensorrt_qdq(artifact.graph)
         if problems:
@@ -120,7 +128,13 @@ def open_backend(
 
     stream = Stream()
     providers: Any = ort.provider_options(
-        spec.provider or "", artifact.path, spec.precision, device_id, stream.ptr, workspace_gb
+        spec.provider or "",
+        artifact.path,
+        spec.precision,
+        device_id,
+        stream.ptr,
+        workspace_gb,
+        artifact.sha256,
     )
     return ort.OrtGpuPredictor(artifact.path, providers, stream, threads)
 
