@@ -38,6 +38,20 @@ from fakd_deploy.utils import file_sha256
 log = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
+# What each timing column measures (docs/deploy.md, "What the timing columns measure")
+TIMING = {
+    "latency_ms": (
+        "host latency: wall-clock time of one Predictor call on a batch of host (numpy) images, "
+        "host-to-device copy, compute and device-to-host copy included, the result back in host "
+        "memory; resizing to a fixed model size is outside the call"
+    ),
+    "gpu_compute_ms": (
+        "GPU compute (GPU rows only), as trtexec's GPU Compute Time: CUDA events recorded on the "
+        "backend's own stream around each run, inputs already on the device, runs queued back to "
+        "back with one in flight behind the timed one (ONNX Runtime: run option "
+        "disable_synchronize_execution_providers=1), after a time-based warm-up"
+    ),
+}
 
 
 @dataclass
@@ -111,7 +125,7 @@ def bench_one(
 ) -> BenchRow:
     """One row; a load failure and a run failure each get their own status."""
     from fakd_deploy.deploy.backends import BACKENDS
-    from fakd_deploy.deploy.runtime import unavailable_reason
+    from fakd_deploy.deploy.runtime import placement_problem, unavailable_reason
 
     backend = BACKENDS.get(candidate.backend)
     row = BenchRow(
@@ -166,7 +180,9 @@ def bench_one(
     except Exception as error:  # as above
         row.status, row.error = Status.RUN_FAILED, error_summary(error)
         return row
-    row.status = Status.OK
+    row.placement = getattr(engine, "placement", None)  # ONNX Runtime GPU rows: where nodes ran
+    problem = placement_problem(backend, row.placement) if backend else None
+    row.status, row.error = (Status.OFF_PROVIDER, problem) if problem else (Status.OK, None)
     return row
 
 
@@ -242,10 +258,7 @@ def header(
         "split": data.split,
         "val_images": data.images,
         "eval_mode": "whole",
-        "timing": {
-            "latency_ms": "host latency: one call, copies and pre/post-processing included",
-            "gpu_compute_ms": "GPU compute: CUDA events around the run, inputs on the device",
-        },
+        "timing": TIMING,
         "versions": {
             "fakd_deploy": __version__,
             "python": platform.python_version(),

@@ -30,6 +30,7 @@ MIN_ITERS = 20
 IN_FLIGHT = 2  # trtexec's default: one iteration queued behind the one running
 # The CUDA version a driver must support for each cuda-python major (13.x needs driver >= 580.65)
 DRIVER_FOR_BINDINGS = {12: 12000, 13: 13000}
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver
 
 
 def runtime() -> ModuleType:
@@ -89,26 +90,26 @@ def versions() -> dict[str, str]:
 
 
 def _driver_reason(cudart: Any, status: Any) -> str:
-    """What a failed cudaGetDeviceCount means: no driver, or a driver too old for these bindings.
+    """What a failed cudaGetDeviceCount means: no GPU, no driver, or a driver too old.
 
     With no driver, and with a driver older than the runtime, the call fails with
     cudaErrorInsufficientDriver alike; cudaDriverGetVersion tells them apart (0: no driver).
     """
     name = getattr(status, "name", str(int(status)))
+    if int(status) != INSUFFICIENT_DRIVER:
+        return f"no CUDA GPU is visible (cudaGetDeviceCount: {name})"
     error, driver = cudart.cudaDriverGetVersion()
     if int(error) != 0 or not driver:
         return f"no NVIDIA driver is loaded (cudaGetDeviceCount: {name})"
     bindings = bindings_version()
     major = int(bindings.split(".")[0]) if bindings[:1].isdigit() else 0
-    needed = DRIVER_FOR_BINDINGS.get(major, 0)
-    if int(driver) < needed:
-        return (
-            f"the NVIDIA driver supports CUDA {cuda_version(int(driver))}, but cuda-python {bindings} "
-            f"needs CUDA {cuda_version(needed)}"
-            + (" (driver >= 580.65)" if major == 13 else "")
-            + ": install 'cuda-python>=12.3,<13' with TensorRT 10 (the `gpu` extra) or update the driver"
-        )
-    return f"no CUDA GPU is visible (cudaGetDeviceCount: {name})"
+    needed = DRIVER_FOR_BINDINGS.get(major, int(driver) + 1)
+    return (
+        f"the NVIDIA driver supports CUDA {cuda_version(int(driver))}, but cuda-python {bindings} "
+        f"needs CUDA {cuda_version(needed)}"
+        + (" (driver >= 580.65)" if major == 13 else "")
+        + ": install 'cuda-python>=12.3,<13' with TensorRT 10 (the `gpu` extra) or update the driver"
+    )
 
 
 def no_gpu_reason() -> str | None:
@@ -212,7 +213,7 @@ def time_on_stream(
     flight, samples/common/sampleInference.cpp), so a run starts as soon as the GPU is
     free, not after the host has seen the previous one finish: launch gaps are not timed.
     `enqueue` must not synchronise the stream. Inputs are already on the device; the
-    warm-up is time-based.
+    warm-up is time-based and runs in the same pipeline, as trtexec's does.
     """
     cudart = stream.cudart
     slots = [
@@ -235,7 +236,7 @@ def time_on_stream(
         enqueue()
         while time.perf_counter() < warm_until:
             enqueue()
-        stream.synchronize()
+        # no synchronisation here: the first timed run queues behind the last warm-up run
         deadline = time.perf_counter() + seconds
         issued = 0
         while issued < iters if iters else issued < min_iters or time.perf_counter() < deadline:

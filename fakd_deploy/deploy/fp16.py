@@ -35,8 +35,7 @@ def _accepts_fp16(node: gs.Node, index: int, opset: int) -> bool:
     domain = node.domain or ""
     if domain not in ("", "ai.onnx"):
         raise ValueError(
-            f"cannot convert node {node.name or node.op} of domain '{domain}' to FP16: "
-            "its types are unknown"
+            f"cannot convert node {node.name or node.op} of domain '{domain}' to FP16: its types are unknown"
         )
     schema = onnx.defs.get_schema(node.op, opset, domain)
     formal = schema.inputs[min(index, len(schema.inputs) - 1)]

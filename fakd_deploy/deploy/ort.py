@@ -175,15 +175,6 @@ def node_placement(profile: str | Path) -> dict[str, float]:
     return {provider: round(count / total, 4) for provider, count in counts.most_common()} if total else {}
 
 
-def placement_problem(placement: dict[str, float] | None, provider: str) -> str | None:
-    """Why a row labelled `provider` does not measure it: some nodes ran elsewhere."""
-    elsewhere = {name: share for name, share in (placement or {}).items() if name != provider}
-    if not elsewhere:
-        return None
-    shares = ", ".join(f"{name} {share:.1%}" for name, share in elsewhere.items())
-    return f"nodes ran off {provider}: {shares}"
-
-
 class OrtPredictor:
     """An ONNX model in an ONNX Runtime session, as a Predictor.
 
@@ -224,6 +215,10 @@ class OrtPredictor:
             )
         except Exception as error:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
             self._drop_profile()
+            if wanted != CPU:  # the model was read and checked before: the provider failed
+                raise BackendUnavailable(
+                    f"ONNX Runtime could not start {wanted}: {error_summary(error)}"
+                ) from None
             where = "the model" if isinstance(model, bytes) else model
             raise ArtifactError(f"ONNX Runtime cannot load {where}: {error_summary(error)}") from None
         if self.session.get_providers()[0] != wanted:

@@ -215,6 +215,12 @@ def quantize_tensorrt_int8(
     _name_nodes(model)
     nodes, keep_float = tensorrt_placement(model)
     nodes = [name for name in nodes if name not in set(exclude or [])]
+    if not nodes:
+        raise BuildError(
+            f"no layer of {onnx_path} gets INT8 by TensorRT's placement rules (convolutions with "
+            "fewer than 16 channels have no fast INT8 kernel); an INT8 engine would run it in FP16: "
+            "build trt-fp16 instead"
+        )
     by_name = {node.name: node.op_type for node in model.graph.node}
     options = {
         "activation_type": QuantType.QInt8,

@@ -20,6 +20,7 @@ class Status(str, Enum):
     LOAD_FAILED = "load failed"
     RUN_FAILED = "loads, fails to run"
     SKIPPED = "not runnable here"
+    OFF_PROVIDER = "ran off its provider"  # measured, but some nodes ran on another provider
 
 
 @dataclass

@@ -46,6 +46,22 @@ def unavailable_reason(backend: str | Backend) -> str | None:
     return missing_provider(spec.provider or "") or (cuda.no_gpu_reason() if spec.device == "cuda" else None)
 
 
+def placement_problem(backend: str | Backend, placement: dict[str, float] | None) -> str | None:
+    """Why a row labelled `backend` does not measure its execution provider alone, or None.
+
+    `placement` is the share of the executed graph nodes per provider (ONNX Runtime's
+    profile of the first run). Any node on another provider means the row would time a mix
+    under one label (a TensorRT row that ran half its nodes on CUDA, a CUDA row with CPU
+    nodes and the copies between them), so such a row is marked `Status.OFF_PROVIDER`.
+    """
+    provider = resolve_backend(backend).provider
+    elsewhere = {name: share for name, share in (placement or {}).items() if name != provider}
+    if provider is None or not elsewhere:
+        return None
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in elsewhere.items())
+    return f"nodes ran off {provider}: {shares}"
+
+
 def backend_for(artifact: Artifact, requested: str | None = None) -> Backend:
     """The backend asked for, else the natural one for the file: an engine by its precision,
     an ONNX model on ONNX Runtime (CPU for FP32 and INT8 models, CUDA for FP16 ones)."""
@@ -54,6 +70,18 @@ def backend_for(artifact: Artifact, requested: str | None = None) -> Backend:
     if artifact.kind == "engine":
         return BACKENDS[f"trt-{artifact.precision}"]
     return BACKENDS["ort-cuda-fp16" if artifact.precision == "fp16" else f"ort-cpu-{artifact.precision}"]
+
+
+def _has_fp16(artifact: Artifact) -> bool:
+    from onnx import TensorProto
+
+    graph = artifact.graph.graph
+    return any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer) or any(
+        a.name == "to" and a.i == TensorProto.FLOAT16
+        for node in graph.node
+        if node.op_type == "Cast"
+        for a in node.attribute
+    )
 
 
 def check_artifact(artifact: Artifact, backend: str | Backend) -> None:
@@ -65,6 +93,12 @@ def check_artifact(artifact: Artifact, backend: str | Backend) -> None:
             f"{path} is an INT8 (QDQ) model: the CUDA execution provider would run it "
             "as dequantize -> FP32, so it is not opened there; use ort-trt-int8 "
             "(TensorRT execution provider) or trt-int8"
+        )
+    if artifact.quantized and spec.device == "cpu" and _has_fp16(artifact):
+        raise BadInput(
+            f"{path} is a Q/DQ model with an FP16 remainder, which ONNX Runtime's CPU provider "
+            "mis-runs (it loses accuracy the GPU runtimes keep): score "
+            f"{model_stem(path)}.qdq.onnx on the CPU, run this one with trt-int8 or ort-trt-int8"
         )
     if artifact.precision != expected:
         right = artifact_path(path, spec)
