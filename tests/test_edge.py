@@ -15,30 +15,33 @@ import pytest
 from PIL import Image
 
 BLOCKED = ("torch", "timm", "albumentations", "cv2")
+STANDINS = Path(__file__).resolve().parent / "standins"
 
-# Runs the CLI with an import hook that makes the training stack unimportable.
-LAUNCH = f"""
-import importlib.abc, sys
+# Runs the CLI with the training stack (and whatever else is named) not installed: a None in
+# sys.modules makes `import x` fail and `importlib.util.find_spec("x")` answer None, as for a
+# package that is not there. The stand-ins for tensorrt and cuda-python come first on the path
+# when asked.
+LAUNCH = """
+import sys
 
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"{{name}} is not installed on this device")
-        return None
-
-sys.meta_path.insert(0, Block())
+BLOCKED = {blocked!r}
+sys.modules.update(dict.fromkeys(BLOCKED))
+sys.path[:0] = {path!r}
 from fakd_deploy.cli import app
 try:
     app(sys.argv[1:])
 finally:
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
+    loaded = sorted(m for m, module in sys.modules.items() if m.split(".")[0] in BLOCKED and module)
     print("LOADED", loaded, file=sys.stderr)
 """
 
 
-def edge(*args: object) -> subprocess.CompletedProcess[str]:
+def edge(
+    *args: object, blocked: tuple[str, ...] = BLOCKED, standins: bool = False
+) -> subprocess.CompletedProcess[str]:
+    launch = LAUNCH.format(blocked=blocked, path=[str(STANDINS)] if standins else [])
     return subprocess.run(
-        [sys.executable, "-c", LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", launch, *map(str, args)], capture_output=True, text=True, timeout=300
     )
 
 
@@ -62,12 +65,21 @@ def folder_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_training_stack_is_really_blocked() -> None:
+    launch = LAUNCH.format(blocked=(*BLOCKED, "onnxruntime"), path=[str(STANDINS)])
+    for module in ("torch", "onnxruntime"):
+        result = subprocess.run(
+            [sys.executable, "-c", launch.replace("from fakd_deploy.cli import app", f"import {module}")],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode != 0 and f"ModuleNotFoundError: import of {module} halted" in result.stderr
+    probe = "import tensorrt, cuda.bindings.runtime as r; print(tensorrt.__version__, r.cudaGetDeviceCount())"
     result = subprocess.run(
-        [sys.executable, "-c", LAUNCH.replace("from fakd_deploy.cli import app", "import torch")],
+        [sys.executable, "-c", launch.replace("from fakd_deploy.cli import app", probe)],
         capture_output=True,
         text=True,
     )
-    assert result.returncode != 0 and "torch is not installed on this device" in result.stderr
+    assert "10.3.0 (<cudaError_t.cudaSuccess: 0>, 1)" in result.stdout, result.stderr
 
 
 def test_build_evaluate_bench_predict_without_torch(
@@ -109,6 +121,66 @@ def test_build_evaluate_bench_predict_without_torch(
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "pred" / "0.labels.png").is_file()
     assert "LOADED []" in done.stderr  # none of the blocked modules was even partly imported
+
+
+def test_tensorrt_commands_on_a_jetson_without_onnx_runtime(
+    tmp_path: Path, artifacts: dict[str, Path], folder_dataset: Path
+) -> None:
+    """JetPack's TensorRT and cuda-python, no onnxruntime, no training stack: build an FP16
+    engine, evaluate, bench and predict with it (tensorrt and the CUDA runtime are the stand-ins
+    of tests/standins, on a simulated GPU)."""
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(artifacts["onnx"].read_bytes())
+    data = ["--set", "data.name=folder", "--set", f"data.root={folder_dataset}", "--set", "data.options={}"]
+    jetson = {"blocked": (*BLOCKED, "onnxruntime"), "standins": True}
+
+    done = edge("build", onnx, "--backend", "trt-fp16", **jetson)
+    assert done.returncode == 0, done.stderr
+    engine = tmp_path / "student.fp16.engine"
+    assert engine.is_file() and (tmp_path / "student.fp16.engine.json").is_file()
+
+    done = edge("evaluate", engine, *data, "--json", tmp_path / "eval.json", **jetson)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["images"] == 4
+
+    done = edge(
+        "bench", engine, *data, "--out", tmp_path / "report", "--seconds", "0.05", "--warmup", "0", **jetson
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert (row["backend"], row["status"]) == ("trt-fp16", "ok") and row["gpu_compute_ms"]["p50"] > 0
+
+    image = folder_dataset / "images" / "val" / "0.png"
+    done = edge("predict", engine, image, "--out", tmp_path / "pred", **jetson)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "pred" / "0.labels.png").is_file()
+    assert "LOADED []" in done.stderr  # neither onnxruntime nor the training stack was touched
+
+
+def test_int8_calibration_without_onnx_runtime_says_what_to_do(
+    tmp_path: Path, artifacts: dict[str, Path], folder_dataset: Path
+) -> None:
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(artifacts["onnx"].read_bytes())
+    data = ["--set", "data.name=folder", "--set", f"data.root={folder_dataset}", "--set", "data.options={}"]
+    done = edge(
+        "build", onnx, "--backend", "trt-int8", *data, blocked=(*BLOCKED, "onnxruntime"), standins=True
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "onnxruntime" in done.stderr and "student.qdq.onnx" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_train_only_install_trains_and_distils_to_the_end(tmp_path: Path, tiny_recipe: Path) -> None:
+    """`pip install 'fakd-deploy[train]'` has torch but no ONNX Runtime: training and distillation
+    must finish (and report versions) without importing it."""
+    out = tmp_path / "run"
+    for command in (["train", tiny_recipe, "--out", out], ["distill", tiny_recipe, "--out", out]):
+        done = edge(*command, blocked=("onnxruntime",))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "LOADED []" in done.stderr
+    assert (out / "teacher" / "best.pt").is_file()
+    assert len(list((out / "students").glob("*/best.pt"))) == 2  # kd and fakd_kd
 
 
 def test_a_checkpoint_on_the_edge_says_what_to_install(artifacts: dict[str, Path]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from fakd_deploy import optional
 from fakd_deploy.artifacts import Artifact
 from fakd_deploy.deploy.backends import Backend, artifact_path, model_stem, resolve_backend
 from fakd_deploy.deploy.fp16 import to_fp16
@@ -89,6 +90,12 @@ def _qdq(model: Artifact, backend: Backend, images: CalibImages, method: str, qu
         from fakd_deploy.deploy.modelopt_int8 import quantize_modelopt_int8
 
         return quantize_modelopt_int8(model.path, target, _need_calibration(images, backend), method)
+    if optional.load("onnxruntime") is None:
+        raise BackendUnavailable(
+            f"making {target.name} (INT8 calibration) needs onnxruntime, which is not installed: "
+            f"pip install 'fakd-deploy[cpu]', or build {target.name} on another machine "
+            f"(`fakd-deploy build {model.path.name} --backend ort-trt-int8`) and build the engine from it"
+        )
     from fakd_deploy.deploy.quantize import quantize_tensorrt_int8
 
     return quantize_tensorrt_int8(model.path, target, _need_calibration(images, backend), method)
