@@ -229,7 +229,7 @@ def _trained_student() -> tuple[object, nn.Module]:
         pairs = [train[i] for i in range(len(train))]
         images = torch.from_numpy(np.stack([image for image, _ in pairs]))
         masks = torch.from_numpy(np.stack([mask for _, mask in pairs])).long()
-        model = ResidualSegmenter(num_classes=6, width=8).train()
+        model = ResidualSegmenter(num_classes=6, width=16).train()  # 16 channels: INT8 by the rules
         optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
         for _ in range(12):
             for start in range(0, len(images), 8):
