@@ -362,16 +362,15 @@ def export(
 
 
 def export_summary(report: dict[str, Any]) -> str:
-    """What `export` wrote and how well it matches PyTorch, in two lines (not raw JSON)."""
+    """What `export` wrote, in one line (not raw JSON); the parity check is logged above it."""
     size = report.get("input_size") or ["?", "?"]
     batch = "dynamic" if report.get("dynamic") else report.get("batch")
     output = "labels (argmax)" if report.get("argmax") else "logits"
     return (
         f"exported {report['path']} ({report['size_mb']:.2f} MB, opset {report['opset']}, "
         f"{report['exporter']} exporter, input {size[0]}x{size[1]}, batch {batch}, "
-        f"{report['num_classes']} classes, {output})\n"
-        f"parity on {report['parity_images']} validation images: max |Δ logit| "
-        f"{report['max_abs_diff']:.2e}, argmax agreement {100 * report['argmax_agreement']:.2f} %"
+        f"{report['num_classes']} classes, {output}; max |Δ logit| {report['max_abs_diff']:.2e} "
+        f"against PyTorch, argmax agreement {100 * report['argmax_agreement']:.2f} %)"
     )
 
 
