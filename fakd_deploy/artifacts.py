@@ -21,6 +21,7 @@ import yaml
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.errors import ArtifactError, BadInput
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, load_recipe, parse_recipe
+from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import file_sha256
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -80,7 +81,7 @@ class Artifact:
         if path.is_dir():
             raise ArtifactError(f"{path} is a directory, not a model file")
         if not path.exists():
-            raise ArtifactError(f"model not found: {path}")
+            raise ArtifactError(f"model not found: {path}{path_hint(path)}")
         if kind == "checkpoint":
             return _open_checkpoint(path)
         if kind == "onnx":

@@ -15,7 +15,14 @@ from typing import Any
 from fakd_deploy import optional
 from fakd_deploy.artifacts import Artifact, ModelInfo
 from fakd_deploy.data.preprocess import Normalise
-from fakd_deploy.deploy.backends import BACKENDS, Backend, artifact_path, model_stem, resolve_backend
+from fakd_deploy.deploy.backends import (
+    BACKENDS,
+    Backend,
+    artifact_path,
+    model_stem,
+    resolve_backend,
+    runs_artifact,
+)
 from fakd_deploy.errors import BackendUnavailable, BadInput
 from fakd_deploy.predictor import FixedSizePredictor, Predictor
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD
@@ -102,12 +109,18 @@ def check_artifact(artifact: Artifact, backend: str | Backend) -> None:
         )
     if artifact.precision != expected:
         right = artifact_path(path, spec)
-        how = (
-            f"open {right.name} instead"
-            if right.exists()
-            else f"build it with `fakd-deploy build {path.with_name(model_stem(path) + '.onnx')} "
-            f"--backend {spec.name}`"
-        )
+        exported = path.with_name(model_stem(path) + ".onnx")
+        if right.exists():
+            how = f"open {right.name} instead"
+        elif right == exported:  # the backend runs the exported model itself: nothing to build
+            how = (
+                f"{right.name} is the exported model: export it from its checkpoint with `fakd-deploy export`"
+            )
+        else:
+            how = f"build it with `fakd-deploy build {exported} --backend {spec.name}`"
+        runs_this = [b.name for b in BACKENDS.values() if runs_artifact(b, path)]
+        if runs_this:
+            how += f"; {path.name} itself runs on {' or '.join(runs_this)}"
         raise BadInput(
             f"{path} is an {artifact.precision.upper()} model but {spec.name} runs "
             f"{expected.upper()} models ({right.name}); {how}"
