@@ -92,8 +92,9 @@ def test_registry_matches_the_recipe_schema() -> None:
 
 def test_unknown_backend_lists_the_choices() -> None:
     with pytest.raises(BadInput) as error:
-        resolve_backend("ort-cuda-int8")
+        resolve_backend("ort-cpu-fp64")
     assert all(name in str(error.value) for name in BACKENDS)
+    assert "did you mean 'ort-cpu-fp32'" in str(error.value)
 
 
 def test_provider_options_per_backend(tmp_path: Path) -> None:
