@@ -229,7 +229,19 @@ def export(
     dynamic: Annotated[bool | None, typer.Option(help="Dynamic batch dimension.")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (13-23).")] = None,
     argmax: Annotated[bool | None, typer.Option(help="Output labels instead of logits.")] = None,
+    input_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="What the model takes: float (normalised), pixels (0-255, normalised inside) or "
+            "uint8 (N, H, W, 3) (deploy.export.input).",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Label type of an --argmax model: int32 or uint8.")
+    ] = None,
     tolerance: Annotated[float | None, typer.Option(help="Max abs logit difference allowed.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
 ) -> None:
     """Export a student to ONNX (upsampling inside) with its recipe's deploy.export settings,
     check it, and verify parity on val images. Options override those settings.
@@ -237,8 +249,11 @@ def export(
     Example: [bold]fakd-deploy export runs/quickstart/students/fakd_kd_s0/best.pt --out s.onnx[/bold]
     """
     with reported():
-        from fakd_deploy.deploy.export import export_checkpoint
+        from fakd_deploy.commands import check_json_target
+        from fakd_deploy.deploy.export import export_checkpoint, export_summary
+        from fakd_deploy.utils import save_json
 
+        check_json_target(json_out)
         options = {
             "height": height,
             "width": width,
@@ -246,6 +261,8 @@ def export(
             "dynamic": dynamic,
             "opset": opset,
             "argmax": argmax,
+            "input": input_mode,
+            "labels": labels,
             "tolerance": tolerance,
         }
         overrides = [
@@ -257,7 +274,10 @@ def export(
             ),
         ]
         report = export_checkpoint(checkpoint, out, overrides)
-        results.print(json.dumps(report, indent=2))
+        for line in export_summary(report):
+            results.print(line, soft_wrap=True, highlight=False, markup=False)
+        if json_out is not None:
+            save_json(report, json_out)
 
 
 @app.command()
@@ -347,6 +367,35 @@ def bench_cmd(
         for line in row_errors(result):
             say(line, "red")
         say(f"report: {', '.join(str(p) for p in written.values())}")
+
+
+@app.command()
+def package(
+    run_folder: Annotated[Path, typer.Argument(help="A run folder written by `run`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Bundle folder (default: RUN/bundle); replaced if it is a bundle.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Ship this .onnx or .engine instead of the run's deploy/choice.json."),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="With --model: the backend it is shipped for (default: its natural one)."),
+    ] = None,
+) -> None:
+    """A folder a Jetson or a Triton server runs as is: the chosen model, labels, palette,
+    preprocessing, infer.py, a Triton model folder and a DeepStream nvinfer configuration.
+
+    Example: [bold]fakd-deploy package runs/quickstart --out bundle[/bold]
+    """
+    with reported():
+        from fakd_deploy.deploy.package import package as write_bundle
+
+        result = write_bundle(run_folder, out, model, backend)
+        results.print(f"bundle: {result['out']} ({result['model']}, {result['backend']})", markup=False)
+        for path in result["files"]:
+            results.print(f"  {path}", markup=False, highlight=False)
 
 
 @app.command()

@@ -127,7 +127,8 @@ class OrtPredictor:
         self.input_name = first.name
         self.output_name = self.session.get_outputs()[0].name
         self.static_batch = first.shape[0] if isinstance(first.shape[0], int) else None
-        height, width = first.shape[2:]
+        self.input_dtype = np.uint8 if first.type == "tensor(uint8)" else np.float32  # deploy.inputs
+        height, width = first.shape[1:3] if self.input_dtype == np.uint8 else first.shape[2:]
         self.input_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
     @property
@@ -139,7 +140,7 @@ class OrtPredictor:
         return as_prediction(out)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = np.ascontiguousarray(images, dtype=self.input_dtype)
         return run_fixed_batch(self._run, images, self.static_batch)
 
 
@@ -170,7 +171,7 @@ class OrtGpuPredictor(OrtPredictor):
         """Milliseconds of GPU time per run, inputs and outputs kept on the device."""
         from fakd_deploy.deploy.cuda import time_on_stream
 
-        feed = np.ascontiguousarray(images, dtype=np.float32)
+        feed = np.ascontiguousarray(images, dtype=self.input_dtype)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(
             self.input_name, ort.OrtValue.ortvalue_from_numpy(feed, "cuda", self.device_id)
