@@ -59,11 +59,11 @@ class NvinferInput:
         return (np.float32(self.scale) * (pixels.astype(np.float32) - offsets)).astype(np.float32)
 
 
-def _logits_output(model: onnx.ModelProto) -> None:
-    """Make the logits the output of an argmax model (its ArgMax and label Casts removed)."""
+def _logits_output(model: onnx.ModelProto) -> str:
+    """The name of the logits, made the output of an argmax model (ArgMax and label Casts removed)."""
     argmax = next((node for node in model.graph.node if node.op_type == "ArgMax"), None)
     if argmax is None:
-        return
+        return str(model.graph.output[0].name)
     logits = argmax.input[0]
     after = {argmax.output[0]}
     removed = [argmax]
@@ -73,8 +73,7 @@ def _logits_output(model: onnx.ModelProto) -> None:
             removed.append(node)
     for node in removed:
         model.graph.node.remove(node)
-    del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, None))
+    return str(logits)
 
 
 def _float_pixel_input(model: onnx.ModelProto) -> None:
@@ -101,7 +100,7 @@ def deepstream_model(source: onnx.ModelProto, info: ModelInfo) -> tuple[onnx.Mod
     probabilities (N, C, H, W) out.
     """
     model = copy.deepcopy(source)
-    _logits_output(model)
+    logits = _logits_output(model)
     normalise = info.normalise
     ps = normalise.pixel_scale
     if info.input == "float":
@@ -122,10 +121,12 @@ def deepstream_model(source: onnx.ModelProto, info: ModelInfo) -> tuple[onnx.Mod
         if info.input == "uint8":
             _float_pixel_input(model)
         prep = NvinferInput(1.0, (0.0, 0.0, 0.0), "the model normalises inside: nvinfer passes pixels")
-    logits = model.graph.output[0].name
     model.graph.node.append(helper.make_node("Softmax", [logits], [OUTPUT], name="probabilities", axis=1))
+    batch = graph_input(model).type.tensor_type.shape.dim[0]
+    height, width = info.input_size or (0, 0)
+    shape = [batch.dim_param or batch.dim_value, info.num_classes or 0, height, width]
     del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, None))
+    model.graph.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, shape))
     onnx.checker.check_model(model)
     return model, prep
 

@@ -99,6 +99,13 @@ def pick(run: RunFolder, model: Path | None, backend: str | None) -> Picked:
     return read_choice(run)
 
 
+def source_stem(path: Path) -> str:
+    """`kd` for kd.onnx, kd.int8.onnx, kd.qdq.onnx, kd.fp16.engine: the export everything came from."""
+    if path.name.endswith(".engine"):
+        return model_stem(path.name.removesuffix(".engine").rsplit(".", 1)[0] + ".onnx")
+    return model_stem(path)
+
+
 def _tensor_from_graph(value: Any) -> triton.Tensor:
     tensor = value.type.tensor_type
     dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
@@ -340,15 +347,15 @@ def _write_bundle(run: RunFolder, picked: Picked, out: Path) -> dict[str, Any]:
         raise BadInput(f"{picked.path} is a checkpoint: package ships exported models (.onnx, .engine)")
     if not runs_artifact(picked.backend, picked.path):
         raise BadInput(f"{picked.path.name} is not the file {picked.backend.name} runs")
-    name = model_stem(picked.path)
+    name = source_stem(picked.path)
     if not NAME.match(name):
         raise BadInput(
             f"model name '{name}' (from {picked.path.name}) must be letters, digits, '_', '.', '+' or '-'"
         )
     info = ModelInfo.from_metadata(artifact.metadata, None, picked.path)
     inputs, output = io_tensors(artifact)
-    fp32 = picked.path.with_name(f"{model_stem(picked.path)}.onnx")
-    qdq = picked.path.with_name(f"{model_stem(picked.path)}.qdq.onnx")
+    fp32 = picked.path.with_name(f"{name}.onnx")
+    qdq = picked.path.with_name(f"{name}.qdq.onnx")
     spec = preprocess_spec(picked.path.name, picked, info, inputs, output, artifact.metadata)
     notes: list[str] = []
     recipe = load_recipe(run.recipe)
@@ -421,8 +428,8 @@ def _write_bundle(run: RunFolder, picked: Picked, out: Path) -> dict[str, Any]:
             )
         notes.append(
             "Verified on CPU when packaged: the DeepStream model under nvinfer's formula against "
-            f"the exported model ({checks.get('deepstream')}). Triton and DeepStream themselves were not run: their "
-            "configurations follow their documentation."
+            f"the exported model ({checks.get('deepstream')}). Triton and DeepStream themselves "
+            "were not run: their configurations follow their documentation."
         )
         streams = f"deepstream/config_infer_{name}.txt" in shipped
         (stage / "README.md").write_text(_readme(name, spec, picked, shipped, notes, streams))
