@@ -233,3 +233,16 @@ def test_int8_calibration_feeds_a_uint8_model_what_it_takes(exports: dict, tmp_p
     predictor, info = open_predictor(int8)
     assert info.input == "uint8"
     assert (predictor(images).argmax(1) == expected).mean() > 0.9
+
+
+def test_fp16_conversion_keeps_uint8_input_and_labels(exports: dict, tmp_path: Path) -> None:
+    """The FP16 model of a uint8-in, uint8-labels export still takes bytes and gives the classes."""
+    from fakd_deploy.deploy.build import write_fp16
+
+    half = write_fp16(exports["uint8", True, "uint8"], tmp_path / "u.fp16.onnx")
+    graph = onnx.load(str(half)).graph
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.UINT8
+    images = eight_bit_images(2, seed=6)
+    labels = OrtPredictor(half)(model_input(images, "uint8", IMAGENET))
+    assert (labels == reference_logits(TinySegmenter(), images).argmax(1)).mean() > 0.99
