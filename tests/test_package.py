@@ -495,3 +495,21 @@ def test_package_writes_only_its_own_folder(tmp_path: Path) -> None:
     assert again == first and not (again / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "link", "mine", "run"]
     assert (Path(package(run)["out"])) == run / "bundle"
+
+
+def test_package_command_prints_the_bundle_or_one_line_why_not(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fakd_deploy.cli import app
+
+    run = make_run(tmp_path / "run", "pixels")
+    result = CliRunner().invoke(app, ["package", str(run)])
+    assert result.exit_code == 2 and "no deploy/choice.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    model = run / "deploy" / "tiny.onnx"
+    args = ["package", str(run), "--model", str(model), "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"bundle: {tmp_path / 'b'} (tiny.onnx, ort-cpu-fp32)" in result.output
+    assert "  infer.py" in result.output.splitlines()
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text())["chosen_by"] == "--model"

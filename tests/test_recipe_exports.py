@@ -58,12 +58,24 @@ def test_quickstart_student_exports_each_input_mode_with_parity(mode: str, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-def test_camvid_student_exports_each_input_mode_with_parity(mode: str, camvid: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "output"),
+    [
+        ("float", ()),
+        ("pixels", ("--argmax", "--labels", "int32")),
+        ("uint8", ("--argmax", "--labels", "uint8")),
+    ],
+)
+def test_camvid_student_exports_each_input_mode_with_parity(
+    mode: str, output: tuple[str, ...], camvid: Path, tmp_path: Path
+) -> None:
+    """Each input mode and each output type on real CamVid validation images (the parity check's 8);
+    the full mode x output grid is tests/test_input_modes.py."""
     recipe = load_recipe(ROOT / "recipes" / "camvid_cpu.yaml", [f"data.root={camvid}"])
     checkpoint = student_checkpoint(recipe, tmp_path / "best.pt")
-    _, report = export_command(checkpoint, tmp_path / f"{mode}.onnx", mode)
+    _, report = export_command(checkpoint, tmp_path / f"{mode}.onnx", mode, *output)
     assert report["input_size"] == [120, 160] and report["parity_images"] == 8
+    assert report["labels"] == (output[-1] if output else None)
     assert report["max_abs_diff"] <= 1e-4 and report["argmax_agreement"] > 0.999
 
 
