@@ -326,8 +326,23 @@ def export(
     dynamic: Annotated[bool | None, typer.Option(help="Dynamic batch dimension.")] = None,
     opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (13-23).")] = None,
     argmax: Annotated[bool | None, typer.Option(help="Output labels instead of logits.")] = None,
+    input_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            metavar="MODE",
+            help="What the model takes: float (normalised), pixels (0-255, normalised inside) or "
+            "uint8 (N, H, W, 3) (deploy.export.input).",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(metavar="TYPE", help="Label type of an --argmax model: int32 or uint8.")
+    ] = None,
     tolerance: Annotated[
         float | None, typer.Option(metavar="X", help="Max abs logit difference allowed.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Also write the report here.")
     ] = None,
 ) -> None:
     """Export a student to ONNX and check it against PyTorch on validation images.
@@ -338,8 +353,11 @@ def export(
     Example: [bold]fakd-deploy export runs/quickstart/students/fakd_kd_s0/best.pt --out s.onnx[/bold]
     """
     with reported():
-        from fakd_deploy.deploy.export import export_checkpoint
+        from fakd_deploy.commands import check_json_target
+        from fakd_deploy.deploy.export import export_checkpoint, export_summary
+        from fakd_deploy.utils import save_json
 
+        check_json_target(json_out)
         options = {
             "height": height,
             "width": width,
@@ -347,6 +365,8 @@ def export(
             "dynamic": dynamic,
             "opset": opset,
             "argmax": argmax,
+            "input": input_mode,
+            "labels": labels,
             "tolerance": tolerance,
         }
         overrides = [
@@ -358,20 +378,10 @@ def export(
             ),
         ]
         report = export_checkpoint(checkpoint, out, overrides)
-        results.print(export_summary(report), soft_wrap=True)
-
-
-def export_summary(report: dict[str, Any]) -> str:
-    """What `export` wrote, in one line (not raw JSON); the parity check is logged above it."""
-    size = report.get("input_size") or ["?", "?"]
-    batch = "dynamic" if report.get("dynamic") else report.get("batch")
-    output = "labels (argmax)" if report.get("argmax") else "logits"
-    return (
-        f"exported {report['path']} ({report['size_mb']:.2f} MB, opset {report['opset']}, "
-        f"{report['exporter']} exporter, input {size[0]}x{size[1]}, batch {batch}, "
-        f"{report['num_classes']} classes, {output}; max |Δ logit| {report['max_abs_diff']:.2e} "
-        f"against PyTorch, argmax agreement {100 * report['argmax_agreement']:.2f} %)"
-    )
+        for line in export_summary(report):
+            results.print(line, soft_wrap=True, highlight=False, markup=False)
+        if json_out is not None:
+            save_json(report, json_out)
 
 
 @app.command(cls=Command)
@@ -519,6 +529,35 @@ def bench_cmd(
         root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
         for line in files_lines(list(written.values()), root):
             say(line)
+
+
+@app.command(cls=Command)
+def package(
+    run_folder: Annotated[Path, typer.Argument(help="A run folder written by `run`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Bundle folder (default: RUN/bundle); replaced if it is a bundle.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Ship this .onnx or .engine instead of the run's deploy/choice.json."),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="With --model: the backend it is shipped for (default: its natural one)."),
+    ] = None,
+) -> None:
+    """A folder a Jetson or a Triton server runs as is: the chosen model, labels, palette,
+    preprocessing, infer.py, a Triton model folder and a DeepStream nvinfer configuration.
+
+    Example: [bold]fakd-deploy package runs/quickstart --out bundle[/bold]
+    """
+    with reported():
+        from fakd_deploy.deploy.package import package as write_bundle
+
+        result = write_bundle(run_folder, out, model, backend)
+        results.print(f"bundle: {result['out']} ({result['model']}, {result['backend']})", markup=False)
+        for path in result["files"]:
+            results.print(f"  {path}", markup=False, highlight=False)
 
 
 @app.command(cls=Command)

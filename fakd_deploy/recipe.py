@@ -54,6 +54,9 @@ BackendName = Literal[
 ]
 
 
+# What an exported model takes (`deploy.inputs`): normalised floats, float pixels or uint8 images.
+InputMode = Literal["float", "pixels", "uint8"]
+
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -251,6 +254,10 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
+    """The exported graph: its size and batch, its input mode (`float` normalised images,
+    `pixels` 0-255 or `uint8` NHWC images with the normalisation inside), and for argmax
+    exports the label type (`int32` or `uint8`)."""
+
     variant: str | None = None
     height: PositiveInt | None = None
     width: PositiveInt | None = None
@@ -258,12 +265,16 @@ class ExportConfig(Section):
     dynamic: bool = False
     opset: int = Field(default=18, ge=13, le=23)
     argmax: bool = False
+    input: InputMode = "float"
+    labels: Literal["int32", "uint8"] = "int32"
     tolerance: PositiveFloat = 1e-4
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ExportConfig:
         if (self.height is None) != (self.width is None):
             raise ValueError("give deploy.export.height and width together, or neither")
+        if self.labels != "int32" and not self.argmax:
+            raise ValueError("deploy.export.labels sets the type of argmax labels: it needs argmax: true")
         return self
 
 

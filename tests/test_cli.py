@@ -353,9 +353,10 @@ def test_messages_suggest_the_fix(tmp_path: Path, artifacts: dict[str, Path]) ->
 
 def test_export_prints_what_it_wrote_not_raw_json(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     output = invoke("export", artifacts["checkpoint"], "--out", tmp_path / "s.onnx")
-    (line,) = [line for line in output.splitlines() if line.startswith("exported")]
+    lines = output.splitlines()
+    (line,) = [line for line in lines if line.startswith("exported")]
     assert line.startswith(f"exported {tmp_path / 's.onnx'} (") and "{" not in output
-    assert (
-        "input 32x32, batch 1, 6 classes, logits; max |Δ logit|" in line
-        and "argmax agreement 100.00 %)" in line
-    )
+    assert "  input          images float32, normalised (1, 3, 32, 32)" in lines
+    assert "  output         logits float32 (1, 6, 32, 32), 6 classes" in lines
+    (parity,) = [line for line in lines if line.startswith("  parity")]
+    assert "max |Δ logit|" in parity and "argmax agreement 100.000 %" in parity

@@ -45,7 +45,9 @@ def quantize_modelopt_int8(
 ) -> Path:
     """Model Optimizer's INT8 Q/DQ model of `onnx_path` (`X.qdq.onnx`), calibrated on
     `calib_images` and checked against TensorRT's rules; one line naming what failed otherwise."""
-    from fakd_deploy.deploy.quantize import calibration_feeds, check_for_tensorrt, input_shape
+    from fakd_deploy.artifacts import ModelInfo
+    from fakd_deploy.deploy.inputs import input_geometry, model_input
+    from fakd_deploy.deploy.quantize import calibration_feeds, check_for_tensorrt
 
     if method not in METHODS:
         raise BadInput(
@@ -56,8 +58,11 @@ def quantize_modelopt_int8(
         raise BackendUnavailable(reason)
     onnx_path, out = Path(onnx_path), Path(out)
     source = load_onnx(onnx_path, load_external_data=False)
-    batch, size = input_shape(source)
-    feeds = calibration_feeds(calib_images, size, batch)
+    batch, size = input_geometry(source)
+    info = ModelInfo.from_metadata(model_metadata(source), size, onnx_path)
+    feeds = [
+        model_input(feed, info.input, info.normalise) for feed in calibration_feeds(calib_images, size, batch)
+    ]
     scratch = out.parent / SCRATCH
     scratch.mkdir(parents=True, exist_ok=True)
     calib = scratch / f"{out.name}.calib.npy"

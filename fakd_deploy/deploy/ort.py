@@ -234,7 +234,8 @@ class OrtPredictor:
         self.input_name = first.name
         self.output_name = self.session.get_outputs()[0].name
         self.static_batch = first.shape[0] if isinstance(first.shape[0], int) else None
-        height, width = first.shape[2:]
+        self.input_dtype = np.uint8 if first.type == "tensor(uint8)" else np.float32  # deploy.inputs
+        height, width = first.shape[1:3] if self.input_dtype == np.uint8 else first.shape[2:]
         self.input_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
     @property
@@ -260,7 +261,7 @@ class OrtPredictor:
         return as_prediction(out)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = np.ascontiguousarray(images, dtype=self.input_dtype)
         out = run_fixed_batch(self._run, images, self.static_batch)
         self._end_profile()
         return out
@@ -304,7 +305,7 @@ class OrtGpuPredictor(OrtPredictor):
         """
         from fakd_deploy.deploy.cuda import time_on_stream
 
-        feed = pad_to_batch(np.ascontiguousarray(images, dtype=np.float32), self.static_batch)
+        feed = pad_to_batch(np.ascontiguousarray(images, dtype=self.input_dtype), self.static_batch)
         if self.static_batch:
             feed = feed[: self.static_batch]
         binding = self.session.io_binding()

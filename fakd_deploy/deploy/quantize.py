@@ -40,7 +40,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from fakd_deploy.artifacts import ModelInfo
 from fakd_deploy.data.preprocess import resize_bilinear
+from fakd_deploy.deploy.inputs import input_geometry, model_input
 from fakd_deploy.deploy.onnx_meta import load_onnx, model_metadata, write_metadata
 from fakd_deploy.deploy.qdq import drop_input_qdq, share_concat_scales, tensorrt_placement
 from fakd_deploy.deploy.qdq_rules import check_tensorrt_qdq, fusion_advice
@@ -108,12 +110,6 @@ def tail_nodes(model: onnx.ModelProto) -> list[str]:
     return tail
 
 
-def input_shape(model: onnx.ModelProto) -> tuple[int | None, tuple[int, int]]:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    batch = dims[0].dim_value or None
-    return batch, (dims[2].dim_value, dims[3].dim_value)
-
-
 def _name_nodes(model: onnx.ModelProto) -> None:
     """Exclusion lists refer to node names; give unnamed nodes one."""
     for index, node in enumerate(model.graph.node):
@@ -135,8 +131,11 @@ def _quantize(
         raise BadInput(f"calibration method '{method}' is not one of: {', '.join(METHODS)}")
     model = load_onnx(onnx_path)
     _name_nodes(model)
-    batch, size = input_shape(model)
-    feeds = calibration_feeds(calib_images, size, batch)
+    batch, size = input_geometry(model)
+    info = ModelInfo.from_metadata(model_metadata(model), size, onnx_path)
+    feeds = [
+        model_input(feed, info.input, info.normalise) for feed in calibration_feeds(calib_images, size, batch)
+    ]
     metadata: dict[str, Any] = {
         **model_metadata(model),
         "precision": "int8",

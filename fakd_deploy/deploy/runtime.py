@@ -23,6 +23,7 @@ from fakd_deploy.deploy.backends import (
     resolve_backend,
     runs_artifact,
 )
+from fakd_deploy.deploy.inputs import feed
 from fakd_deploy.errors import BackendUnavailable, BadInput
 from fakd_deploy.predictor import FixedSizePredictor, Predictor
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD
@@ -212,6 +213,8 @@ def open_predictor(
     `backend` picks the runtime for an ONNX model (default: ONNX Runtime on the CPU);
     `device` the torch device for a checkpoint. Models with a fixed input size get images
     resized to it and predictions resized back, so the Predictor takes any image size.
+    The Predictor takes normalised images whatever the model takes (`ModelInfo.input`):
+    a `pixels` or `uint8` model gets them as pixels (`deploy.inputs.feed`).
     """
     artifact = model if isinstance(model, Artifact) else Artifact.open(model)
     if artifact.kind == "checkpoint":
@@ -224,4 +227,5 @@ def open_predictor(
         predictor = open_backend(artifact, backend_for(artifact, backend), threads=threads)
         size = getattr(predictor, "input_size", None)
         info = ModelInfo.from_metadata(artifact.metadata, size, artifact.path)
+        return feed(predictor, info.input, info.normalise, info.input_size), info
     return FixedSizePredictor(predictor, info.input_size), info
