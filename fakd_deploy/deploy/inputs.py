@@ -259,6 +259,9 @@ def cast_labels(model: onnx.ModelProto, labels: str) -> None:
         return
     name = output.name
     raw = f"{name}_int64"
+    stale = [v for v in model.graph.value_info if v.name == name]  # int64: the type it had
+    for value in stale:
+        model.graph.value_info.remove(value)
     for node in model.graph.node:
         for index, used in enumerate(node.output):
             if used == name:

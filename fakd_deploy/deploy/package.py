@@ -36,8 +36,8 @@ from fakd_deploy.deploy import deepstream, triton
 from fakd_deploy.deploy.backends import Backend, model_stem, resolve_backend, runs_artifact
 from fakd_deploy.deploy.inputs import graph_input, pixels_from_normalised
 from fakd_deploy.deploy.onnx_meta import load_onnx
+from fakd_deploy.deploy.predict import colours_of
 from fakd_deploy.errors import ArtifactError, BadInput, StageFailed
-from fakd_deploy.palette import palette_for
 from fakd_deploy.runfolder import RunFolder, RunLock
 from fakd_deploy.utils import file_sha256
 
@@ -178,12 +178,12 @@ def _copy(source: Path, stage: Path, *parts: str) -> str:
     return "/".join(parts)
 
 
-def _providers(backend: Backend) -> list[str]:
+def _providers(backend: Backend, model: Path) -> list[str]:
     if backend.engine:
         return []
     from fakd_deploy.deploy.ort import provider_options
 
-    return [name for name, _ in provider_options(backend.provider or "", "model", backend.precision)]
+    return [name for name, _ in provider_options(backend.provider or "", model, backend.precision)]
 
 
 def preprocess_spec(
@@ -196,7 +196,7 @@ def preprocess_spec(
         "model": model_name,
         "runtime": "tensorrt" if picked.backend.engine else "onnxruntime",
         "backend": picked.backend.name,
-        "providers": _providers(picked.backend),
+        "providers": _providers(picked.backend, picked.path),
         "precision": picked.backend.precision,
         "input": info.input,
         "input_name": inputs.name,
@@ -377,7 +377,7 @@ def _write_bundle(run: RunFolder, picked: Picked, out: Path) -> dict[str, Any]:
                 shipped[_copy(extra, stage, extra.name)] = what
         spec["rebuild_from"] = rebuild.name if rebuild.is_file() else None
         names = info.class_names or [f"class_{i}" for i in range(info.num_classes or 0)]
-        colours = palette_for(recipe.data.name, max(len(names), 1))
+        colours = colours_of(artifact, max(len(names), 1))
         (stage / "labels.txt").write_text("".join(f"{n}\n" for n in names))
         shipped["labels.txt"] = "class names, one per line, in class-id order"
         palette_doc = {

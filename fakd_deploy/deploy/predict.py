@@ -87,6 +87,13 @@ def check_no_input_is_overwritten(outputs: list[Path], inputs: list[Path]) -> No
                 raise BadInput(f"writing {output} would overwrite the input {source}; choose another --out")
 
 
+def colours_of(artifact: Artifact, count: int = 256) -> np.ndarray:
+    """The palette of the dataset the model was trained on (its recipe in the metadata)."""
+    data = (artifact.raw_recipe or {}).get("data")
+    dataset = data.get("name") if isinstance(data, dict) else None
+    return palette_for(dataset if isinstance(dataset, str) else None, count)
+
+
 def predict(
     model_path: Path,
     images: list[Path],
@@ -109,9 +116,7 @@ def predict(
     outputs = [path for pair in names for path in (pair if overlay else pair[:1])]
     check_no_input_is_overwritten(outputs, [*files, model_path])
     predictor, info = open_predictor(artifact, backend, device, threads)
-    data = (artifact.raw_recipe or {}).get("data")
-    dataset = data.get("name") if isinstance(data, dict) else None
-    colours = palette_for(dataset if isinstance(dataset, str) else None, 256)
+    colours = colours_of(artifact)
     written = []
     for image_path, (labels_path, overlay_path) in zip(files, names, strict=True):
         image = open_image(image_path).convert("RGB")
