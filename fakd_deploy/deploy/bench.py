@@ -198,16 +198,6 @@ def read_data(data: ValBatches, count: int) -> Sample:
     return Sample(np.stack(images[:count]), np.stack(masks[:count]))
 
 
-def _input_channels(artifact: Artifact) -> int | None:
-    """The channel count an ONNX model's image input declares (None: not fixed, or not ONNX)."""
-    if artifact.kind != "onnx" or artifact.graph is None:
-        return None
-    weights = {t.name for t in artifact.graph.graph.initializer}
-    inputs = [v for v in artifact.graph.graph.input if v.name not in weights]
-    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
-    return dims[1].dim_value or None if len(dims) == 4 else None
-
-
 def _fail(row: BenchRow, status: Status, fault: Fault, error: BaseException | str) -> BenchRow:
     row.status, row.fault = status, fault
     row.error = error if isinstance(error, str) else error_summary(error)
@@ -217,12 +207,9 @@ def _fail(row: BenchRow, status: Status, fault: Fault, error: BaseException | st
 def _misfit(artifact: Artifact, data: ValBatches, dataset: str) -> tuple[Fault, str] | None:
     """Why the model cannot be scored on this data, and whose fault that is; None when it can.
 
-    A model that takes other than RGB images fits no dataset here (the model's fault); one
-    that predicts another number of classes was given the wrong data (the data's).
+    A model that predicts another number of classes was given the wrong data. (One that takes
+    other than RGB images is refused when it is opened: `artifacts.check_graph`.)
     """
-    channels = _input_channels(artifact)
-    if channels not in (None, 3):
-        return "model", f"{artifact.path.name} takes {channels}-channel images; every dataset here is RGB"
     if artifact.num_classes is not None and artifact.num_classes != data.num_classes:
         return "data", (
             f"{artifact.path.name} predicts {artifact.num_classes} classes but the data "
