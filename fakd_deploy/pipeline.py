@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fakd_deploy import __version__
+from fakd_deploy import __version__, optional
 from fakd_deploy.data import splits
+from fakd_deploy.deploy.rows import BenchReport
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
@@ -41,13 +42,10 @@ Work = Callable[[bool], tuple[list[Path], dict[str, Any]]]
 
 
 def versions() -> dict[str, str]:
-    import onnxruntime
-
     return {
         "fakd_deploy": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **optional.versions("torch", "onnxruntime"),
     }
 
 
@@ -402,7 +400,8 @@ def export_student(s: Session, checkpoint: Path) -> Path:
 
 def build_backends(s: Session, onnx: Path) -> list[Path]:
     """Build every backend the recipe lists; any that fails fails the stage (after the others)."""
-    from fakd_deploy.deploy.backends import build, resolve_backend
+    from fakd_deploy.deploy.backends import resolve_backend
+    from fakd_deploy.deploy.build import build
 
     recipe = s.recipe
     artifacts, failures = [], []
@@ -410,14 +409,22 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
 
         def work(resume: bool, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
             calib = splits.calibration_images(recipe.data, recipe.deploy.calib)
-            path = build(onnx, backend, calib_images=calib, calib_method=recipe.deploy.calib_method)
+            path = build(
+                onnx,
+                backend,
+                calib_images=calib,
+                calib_method=recipe.deploy.calib_method,
+                quantizer=recipe.deploy.quantizer,
+            )
             return [path], {"path": s.run.relative(path)}
 
-        calibration = (
+        calibration: list[object] = (
             [recipe.deploy.calib, recipe.deploy.calib_method, recipe.data]
             if resolve_backend(name).precision == "int8"
             else []
         )
+        if calibration and recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
+            calibration.append(recipe.deploy.quantizer)
         key = stage_key(name, onnx, *calibration)
         try:
             metrics = s.stage(f"build:{name}", key, work)
@@ -433,7 +440,7 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
     return artifacts
 
 
-def bench_stage(s: Session) -> dict[str, Any]:
+def bench_stage(s: Session) -> BenchReport:
     """Every model and artifact of the run on one table; redone only when one of them changed."""
     from fakd_deploy.deploy.bench import bench_run, candidates
     from fakd_deploy.deploy.report import write_report
@@ -444,10 +451,10 @@ def bench_stage(s: Session) -> dict[str, Any]:
     def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
         result = bench_run(s.recipe, found, s.recipe.bench, title=str(s.run.root))
         written = write_report(result, s.run.root)
-        return [p for p in outputs if p in written.values()], {"rows": len(result["rows"])}
+        return [p for p in outputs if p in written.values()], {"rows": len(result.rows)}
 
     s.stage("bench", stage_key(s.recipe.bench, s.recipe.data, *[c.path for c in found]), work)
-    return read_json(s.run.report("json"))
+    return BenchReport.from_dict(read_json(s.run.report("json")))
 
 
 @dataclass
@@ -456,7 +463,7 @@ class RunResult:
 
     folder: Path
     evaluation: list[dict[str, Any]] = field(default_factory=list)
-    bench: dict[str, Any] | None = None
+    bench: BenchReport | None = None
 
 
 def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False) -> RunResult:
