@@ -255,17 +255,21 @@ def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: For
     """Sweep a recipe's study section over seeds and FAKD settings, with paired statistics.
 
     The teacher is trained once, then every variant x seed x (lam0, bound) point of the
-    recipe's `study` section; paired statistics against the baseline and KD, last and best
-    checkpoints, held-out test scores: study.{json,csv,md,png}.
+    recipe's `study` section; paired statistics against the baseline and each FAKD
+    variant's plain loss, last and best checkpoints, held-out test scores, the
+    pre-registered headline: study.{json,csv,md,png}.
 
     Example: [bold]fakd-deploy study recipes/camvid_study.yaml --out runs/study[/bold]
     """
     with reported():
-        from fakd_deploy.study import run_study, study_table
+        from fakd_deploy.study import run_study
+        from fakd_deploy.study_report import headline_lines, study_table
 
         result = run_study(recipe, out, set_, force)
         if "rows" in result:  # under torchrun, rank 0 scores and reports
             results.print(study_table(result))
+            for line in headline_lines(result):
+                results.print(f"headline: {line}", markup=False)
         say(f"done: {result['folder']}", "green")
 
 

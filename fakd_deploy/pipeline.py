@@ -278,6 +278,11 @@ def adopt_weights(model: Segmenter, job: Job, weights: str, mapping: dict[str, A
     return metrics
 
 
+def student_stage(variant: str, seed: int) -> str:
+    """The manifest's name for one student's training stage."""
+    return f"student:{variant}_s{seed}"
+
+
 def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> Path:
     """Train one student variant; distillation terms come from `student.variants[variant]`."""
     cfg = s.recipe.student
@@ -314,7 +319,7 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
     inputs: list[Any] = [s.recipe.data, cfg.model, cfg.train, [t.model_dump() for t in terms], seed]
     if terms and teacher:
         inputs.append(teacher)
-    s.stage(f"student:{variant}_s{seed}", stage_key(*inputs), work)
+    s.stage(student_stage(variant, seed), stage_key(*inputs), work)
     return folder / "best.pt"
 
 

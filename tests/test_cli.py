@@ -133,16 +133,19 @@ def test_train_distill_evaluate_export_build_bench_predict(tiny_run: Path, tmp_p
 
 @pytest.mark.slow
 def test_study_on_a_dataset_with_a_test_split(tmp_path: Path) -> None:
-    """Teacher once, baseline + KD + a 2 x 2 (lam0, bound) sweep, 2 seeds; test split scored."""
+    """Teacher once, baseline + KD + CWD, FAKD-KD at 2 x 2 and FAKD-CWD at 2 (lam0, bound)
+    points, 2 seeds; each point paired with its own plain loss; test split scored."""
     out = tmp_path / "study"
     sets = [
         "student.seeds=[0, 1]",
+        "student.variants.cwd=[{loss: cwd}]",
+        "student.variants.fakd_cwd=[{loss: cwd, lam0: 0.5}]",
         "data.test_split=test",
         "study.lam0=[0.1, 1.0]",
         "study.bounds=[marginal, centred]",
         "student.train.eval_every=1",
     ]
-    invoke("study", TINY, "--out", out, *[arg for item in sets for arg in ("--set", item)])
+    output = invoke("study", TINY, "--out", out, *[arg for item in sets for arg in ("--set", item)])
     summary = json.loads((out / "study.json").read_text())
     variants = {row["variant"]: row for row in summary["rows"]}
     assert set(variants) == {
@@ -152,23 +155,56 @@ def test_study_on_a_dataset_with_a_test_split(tmp_path: Path) -> None:
         "fakd_kd-lam0.1-centred",
         "fakd_kd-lam1-marginal",
         "fakd_kd-lam1-centred",
+        "cwd",
+        "fakd_cwd-lam0.1",
+        "fakd_cwd-lam1",
     }
     point = variants["fakd_kd-lam1-centred"]
-    assert (point["lam0"], point["bound"], point["seeds"]) == (1.0, "centred", 2)
-    last = {
-        (r["variant"], r["seed"]): r["miou"]
-        for r in json.loads((out / "study" / "val_last.json").read_text())
-    }
-    differences = [last[("fakd_kd-lam1-centred", s)] - last[("baseline", s)] for s in (0, 1)]
-    assert point["vs_baseline"]["mean"] == pytest.approx(sum(differences) / 2)
-    assert point["vs_baseline"]["low"] <= point["vs_baseline"]["mean"] <= point["vs_baseline"]["high"]
+    assert (point["lam0"], point["bound"], point["seeds"], point["plain"]) == (1.0, "centred", 2, "kd")
+    assert variants["fakd_cwd-lam1"]["plain"] == "cwd"
+
+    def scores(split: str) -> dict[tuple[str, int], float]:
+        rows = json.loads((out / "study" / f"{split}_last.json").read_text())
+        return {(r["variant"], r["seed"]): r["miou"] for r in rows}
+
+    def expected(split: str, variant: str, reference: str) -> tuple[float, float, float]:
+        """Mean and 95 % interval of two paired differences: mean -/+ t(0.975, 1) |d0 - d1| / 2."""
+        d = [scores(split)[(variant, s)] - scores(split)[(reference, s)] for s in (0, 1)]
+        half = 12.7062 * abs(d[0] - d[1]) / 2
+        return (d[0] + d[1]) / 2, (d[0] + d[1]) / 2 - half, (d[0] + d[1]) / 2 + half
+
+    for key, split, variant, reference in (
+        ("vs_baseline", "val", "fakd_kd-lam1-centred", "baseline"),
+        ("vs_plain", "val", "fakd_cwd-lam1", "cwd"),
+        ("test_vs_plain", "test", "fakd_kd-lam0.1-marginal", "kd"),
+        ("test_vs_baseline", "test", "cwd", "baseline"),
+    ):
+        diff = variants[variant][key]
+        assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx(
+            expected(split, variant, reference), abs=1e-3
+        )
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert point["seconds"]["total"] == pytest.approx(
+        sum(stages[f"student:fakd_kd-lam1-centred_s{s}"]["seconds"] for s in (0, 1))
+    )
+    assert summary["teacher_seconds"] == stages["teacher"]["seconds"]
+    assert [h["plain"] for h in summary["headline"]] == ["kd", "cwd"]
+    chosen = max(
+        (v for v in variants if v.startswith("fakd_cwd")), key=lambda v: variants[v]["val_last"]["mean"]
+    )
+    assert summary["headline"][1]["chosen"] == chosen
+    assert summary["headline"][1]["difference"] == variants[chosen]["test_vs_plain"]
+    assert "headline: FAKD over kd:" in output and "headline: FAKD over cwd:" in output
     assert point["test_last"]["mean"] is not None and summary["test_split"] == "test"
     assert len(point["class_delta_vs_baseline"]) == 6
     for name in ("study.csv", "study.md", "study.png"):
         assert (out / name).exists()
-    assert "best on val" in (out / "study.md").read_text()
+    text = (out / "study.md").read_text()
+    assert "best on val" in text and "## Headline (pre-registered)" in text
+    assert "fakd_cwd-lam1 − cwd, val:" in text
     again = invoke("study", TINY, "--out", out, *[arg for item in sets for arg in ("--set", item)])
-    assert "skip study:test-last" in again  # resumable like run
+    assert "skip study:test-last" in again and "skip student:" in again  # resumable like run
+    assert json.loads((out / "study.json").read_text())["rows"] == summary["rows"]
 
 
 def test_help_shows_an_example_for_every_command() -> None:
