@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,34 @@ def test_two_images_with_one_name_are_refused_before_anything_runs(onnx_model: P
     with pytest.raises(BadInput, match=r"would both write x\.labels\.png"):
         predict(onnx_model, [tmp_path / "a/x.png", tmp_path / "b/x.png"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["same folder", "linked --out", "hard link", "link to an input"])
+def test_predict_never_overwrites_its_inputs(onnx_model: Path, tmp_path: Path, how: str) -> None:
+    """Whatever the output names: an image called `x.labels.png` beside `x.png`, a --out that
+    is a link to the images' folder, an old output that is a (hard) link to an input."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("x.png", "x.labels.png"):
+        Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(images / name)
+    before = (images / "x.labels.png").read_bytes()
+    given = [images / "x.png", images / "x.labels.png"]
+    out = tmp_path / "out"
+    if how == "same folder":
+        out = images
+    elif how == "linked --out":
+        out.symlink_to(images)
+    else:
+        out.mkdir()
+        target = out / "x.overlay.png"  # a hand-made link where an output goes
+        if how == "hard link":
+            os.link(images / "x.labels.png", target)
+        else:
+            target.symlink_to(images / "x.labels.png")
+    with pytest.raises(BadInput, match=r"would overwrite the input .*x\.labels\.png"):
+        predict(onnx_model, given, out)
+    assert (images / "x.labels.png").read_bytes() == before
+    assert sorted(p.name for p in images.iterdir()) == ["x.labels.png", "x.png"]
 
 
 def test_normalise_and_palette() -> None:

@@ -50,6 +50,28 @@ def output_names(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
     return [(out_dir / f"{stem}.labels.png", out_dir / f"{stem}.overlay.png") for stem in stems]
 
 
+def refuse_overwriting(inputs: list[Path], outputs: list[Path]) -> None:
+    """An output may never replace an input (an image, the model), whatever the names: the
+    same path, a path through a linked folder, a link or a hard link to the input."""
+
+    def identity(path: Path) -> tuple[int, int] | None:
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    given = {path.resolve(): path for path in inputs}
+    files = {identity(path): path for path in inputs}
+    files.pop(None, None)
+    for output in outputs:
+        found = given.get(output.resolve()) or files.get(identity(output))
+        if found is not None:
+            raise BadInput(
+                f"predicting would overwrite the input {found} (as {output}); choose another --out folder"
+            )
+
+
 def predict(
     model_path: Path,
     images: list[Path],
@@ -66,6 +88,7 @@ def predict(
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} is a file; predictions go into a folder")
     names = output_names(images, out_dir)
+    refuse_overwriting([model_path, *images], [path for pair in names for path in pair])
     predictor, info = open_predictor(model_path, backend, device, threads)
     colours = palette()
     written = []
