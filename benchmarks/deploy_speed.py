@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fakd_deploy.artifacts import FixedSizePredictor
 from fakd_deploy.deploy.export import export_onnx, load_student
-from fakd_deploy.deploy.measure import latency_stats, measure_latency
+from fakd_deploy.deploy.measure import measure_latency
 from fakd_deploy.deploy.ort import OrtPredictor
 from fakd_deploy.deploy.quantize import quantize_ort_int8
-from fakd_deploy.evaluate import Predictor, evaluate
+from fakd_deploy.deploy.rows import Latency
+from fakd_deploy.evaluate import evaluate
 from fakd_deploy.models import TorchPredictor
+from fakd_deploy.predictor import FixedSizePredictor, Predictor
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,7 +98,7 @@ def main() -> None:
         }
         images = rng.standard_normal((1, 3, *size), dtype=np.float32)
         p50 = {
-            name: latency_stats(measure_latency(p, images, args.warmup, args.seconds))["p50"]
+            name: Latency.of(measure_latency(p, images, args.warmup, args.seconds)).p50
             for name, p in predictors.items()
         }
         probe = rng.standard_normal((2, 3, *size), dtype=np.float32)

@@ -21,9 +21,10 @@ import numpy as np
 
 from fakd_deploy.data import splits
 from fakd_deploy.data.preprocess import resize_bilinear
-from fakd_deploy.deploy.measure import latency_stats, measure_latency
+from fakd_deploy.deploy.measure import measure_latency
 from fakd_deploy.deploy.ort import OrtPredictor
 from fakd_deploy.deploy.quantize import quantize_ort_int8, quantize_tensorrt_int8
+from fakd_deploy.deploy.rows import Latency
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.recipe import Recipe, load_recipe
 
@@ -110,7 +111,7 @@ def main() -> None:
                 if predictor.input_size
                 else next(iter(batches))[0][:1]
             )
-            p50 = latency_stats(measure_latency(predictor, image, 1.0, args.seconds))["p50"]
+            p50 = Latency.of(measure_latency(predictor, image, 1.0, args.seconds)).p50
             rows.append((name, miou, p50))
     reference = rows[0][1]
     print(

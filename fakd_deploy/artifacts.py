@@ -1,64 +1,33 @@
 """One way to open any model file: a checkpoint (.pt), an ONNX model (.onnx) or an engine (.engine).
 
-`recipe_of(path)` recovers the recipe an artifact was made from (checkpoints store it,
-ONNX models carry it in their metadata, engines in their sidecar); `open_predictor(path)`
-gives a Predictor and the `ModelInfo` that says how to feed it. Only the checkpoint path
-imports torch, so ONNX models and engines open on a device without the training stack.
+`Artifact.open(path)` reads a file once and checks it: its kind, its metadata, its
+precision (the one answer to "is this a Q/DQ model"), the recipe it was made from
+(checkpoints store it, ONNX models carry it in their metadata, engines in their sidecar).
+The value is passed on, so no later step parses the file again; `ModelInfo` says how to
+feed the model. Running it is `deploy.runtime.open_predictor`. Only checkpoints import
+torch, so ONNX models and engines open on a device without the training stack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from fakd_deploy.data.preprocess import Normalise, resize_bilinear, resize_nearest
+from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.errors import ArtifactError, BadInput
-from fakd_deploy.evaluate import Predictor
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, load_recipe, parse_recipe
+from fakd_deploy.utils import file_sha256
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 SUFFIXES = (*CHECKPOINT_SUFFIXES, ".onnx", ".engine")
-
-
-@dataclass
-class ModelInfo:
-    """How to feed a model: normalisation, fixed input size (if any) and its classes."""
-
-    normalise: Normalise
-    input_size: tuple[int, int] | None = None
-    num_classes: int | None = None
-    class_names: list[str] | None = None
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any], input_size: tuple[int, int] | None) -> ModelInfo:
-        normalise = Normalise(
-            tuple(meta.get("mean", IMAGENET_MEAN)),
-            tuple(meta.get("std", IMAGENET_STD)),
-            float(meta.get("pixel_scale", 255.0)),
-        )
-        return cls(normalise, input_size, meta.get("num_classes"), meta.get("class_names"))
-
-
-class FixedSizePredictor:
-    """Resize images to a model's fixed input size and its output back to the image size.
-
-    Logits are resized bilinearly (as the exported graph does), labels by nearest neighbour.
-    """
-
-    def __init__(self, predictor: Predictor, size: tuple[int, int] | None) -> None:
-        self.predictor = predictor
-        self.size = size
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        original = tuple(images.shape[-2:])
-        if self.size is None or original == tuple(self.size):
-            return self.predictor(images)
-        out = self.predictor(resize_bilinear(images, self.size))
-        return resize_bilinear(out, original) if out.ndim == 4 else resize_nearest(out, original)
+MIN_OPSET = 13  # the oldest opset the quantizer, the FP16 conversion and TensorRT 10 all read
+KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")  # ONNX itself and ONNX Runtime's contrib ops
+MAX_CLASSES = 1024
 
 
 def kind_of(path: Path) -> str:
@@ -85,90 +54,229 @@ def training_stack(path: Path) -> Any:
     return models
 
 
-def stored_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of an ONNX model or the `metadata` of an engine's sidecar."""
-    if kind_of(path) == "onnx":
-        from fakd_deploy.deploy.onnx_meta import read_metadata
+@dataclass(frozen=True)
+class Artifact:
+    """A model file, read once: what it is, what it carries, what it was made from.
 
-        return read_metadata(path)
+    `metadata` is an ONNX model's `metadata_props`, an engine sidecar's `metadata`, or a
+    checkpoint's `arch`, `class_names`, `role`, `variant` and `seed`. `graph` is an ONNX
+    model's graph without its weights; `source` the loaded `Checkpoint` or the engine's
+    sidecar, so nothing has to read the file again to use it.
+    """
+
+    path: Path
+    kind: str  # checkpoint | onnx | engine
+    metadata: dict[str, Any]
+    precision: str  # fp32 | fp16 | int8
+    raw_recipe: dict[str, Any] | None
+    graph: Any = field(default=None, repr=False, compare=False)
+    source: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Artifact:
+        """Read and check a model file; one line naming the file when it cannot be used."""
+        path = Path(path)
+        kind = kind_of(path)
+        if path.is_dir():
+            raise ArtifactError(f"{path} is a directory, not a model file")
+        if not path.exists():
+            raise ArtifactError(f"model not found: {path}")
+        if kind == "checkpoint":
+            return _open_checkpoint(path)
+        if kind == "onnx":
+            return _open_onnx(path)
+        return _open_engine(path)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision == "int8"
+
+    @property
+    def num_classes(self) -> int | None:
+        value = self.metadata.get("num_classes", (self.metadata.get("arch") or {}).get("num_classes"))
+        return value if isinstance(value, int) else None
+
+    @property
+    def source_sha256(self) -> str | None:
+        """The checkpoint an exported model or engine was made from (its metadata says)."""
+        value = self.metadata.get("checkpoint_sha256")
+        return value if isinstance(value, str) else None
+
+    def recipe(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """The recipe the artifact was made from, with `key=value` overrides."""
+        if not isinstance(self.raw_recipe, dict):
+            raise BadInput(
+                f"{self.path} carries no recipe: pass --recipe to say which data and preprocessing to use"
+            )
+        return parse_recipe(self.raw_recipe, overrides)
+
+
+def _open_checkpoint(path: Path) -> Artifact:
+    checkpoint = training_stack(path).Checkpoint.load(path)
+    metadata = {
+        "arch": checkpoint.arch,
+        "class_names": checkpoint.class_names,
+        "role": checkpoint.role,
+        "variant": checkpoint.variant,
+        "seed": checkpoint.seed,
+    }
+    recipe = checkpoint.recipe if isinstance(checkpoint.recipe, dict) else None
+    return Artifact(path, "checkpoint", metadata, "fp32", recipe, source=checkpoint)
+
+
+def _stored_recipe(path: Path, metadata: dict[str, Any]) -> dict[str, Any] | None:
+    text = metadata.get("recipe")
+    if text is None:
+        return None
+    try:
+        raw = yaml.safe_load(text) if isinstance(text, str) else None
+    except yaml.YAMLError:
+        raise ArtifactError(f"{path}: its stored recipe is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: its stored recipe is not a mapping of recipe keys")
+    return raw
+
+
+def onnx_precision(model: Any) -> str:
+    """int8 for a Q/DQ model, fp16 for one with FP16 weights, fp32 otherwise."""
+    from onnx import TensorProto
+
+    if any(node.op_type == "QuantizeLinear" for node in model.graph.node):
+        return "int8"
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def check_graph(path: Path, model: Any) -> None:
+    """What every runtime here can read: a known opset, known operator domains, weights
+    stored in the model's own folder, one image input."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < MIN_OPSET:
+        raise ArtifactError(
+            f"{path} uses ONNX opset {opset}; fakd-deploy reads opset {MIN_OPSET} or newer "
+            "(re-export it, or convert it with onnx.version_converter)"
+        )
+    for node in model.graph.node:
+        if node.domain not in KNOWN_DOMAINS:
+            raise ArtifactError(
+                f"{path}: node '{node.name or node.op_type}' is a {node.op_type} of the custom "
+                f"domain '{node.domain}', which no runtime here implements"
+            )
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                location = Path(entry.value)
+                inside = (path.parent / location).resolve().is_relative_to(path.parent.resolve())
+                if location.is_absolute() or not inside:
+                    raise ArtifactError(
+                        f"{path}: the weights of '{tensor.name}' are stored at '{entry.value}', "
+                        "outside the model's folder; external data must sit beside the model"
+                    )
+    inputs = [
+        value for value in model.graph.input if value.name not in {t.name for t in model.graph.initializer}
+    ]
+    if len(inputs) != 1:
+        raise ArtifactError(
+            f"{path} has {len(inputs)} inputs; a segmentation model here takes one image batch"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ArtifactError(
+            f"{path}: input '{inputs[0].name}' has rank {len(dims)}; expected an image batch (N, 3, H, W)"
+        )
+
+
+def _open_onnx(path: Path) -> Artifact:
+    from fakd_deploy.deploy.onnx_meta import load_onnx, model_metadata
+
+    model = load_onnx(path, load_external_data=False)
+    check_graph(path, model)
+    metadata = model_metadata(model)
+    return Artifact(
+        path, "onnx", metadata, onnx_precision(model), _stored_recipe(path, metadata), graph=model
+    )
+
+
+def _open_engine(path: Path) -> Artifact:
     from fakd_deploy.deploy.trt import load_sidecar
 
-    return dict(load_sidecar(path).get("metadata") or {})
+    sidecar = load_sidecar(path)
+    metadata = sidecar.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{path}: its sidecar's 'metadata' is not a mapping")
+    precision = sidecar.get("precision")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ArtifactError(f"{path}: its sidecar names no precision (fp32, fp16 or int8): {precision!r}")
+    return Artifact(path, "engine", metadata, precision, _stored_recipe(path, metadata), source=sidecar)
 
 
-def raw_recipe_of(path: Path) -> dict[str, Any]:
-    """The resolved recipe an artifact was made from, as a plain dict."""
-    if not path.exists():
-        raise ArtifactError(f"model not found: {path}")
-    if kind_of(path) == "checkpoint":
-        raw = training_stack(path).Checkpoint.load(path).recipe
-    else:
-        text = stored_metadata(path).get("recipe")
-        try:
-            raw = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            raise ArtifactError(f"{path}: its stored recipe is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path} carries no recipe: pass --recipe to say which data and preprocessing to use")
-    return raw
+def resolve_recipe(
+    model: Artifact | str | Path,
+    recipe: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Recipe:
+    """`--recipe` when given, else the model's own; `--set` overrides apply either way."""
+    if recipe:
+        return load_recipe(recipe, overrides)
+    artifact = model if isinstance(model, Artifact) else Artifact.open(model)
+    return artifact.recipe(overrides)
 
 
 def recipe_of(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """The recipe stored in a checkpoint, ONNX model or engine, with `key=value` overrides."""
-    return parse_recipe(raw_recipe_of(Path(path)), overrides)
+    return Artifact.open(path).recipe(overrides)
 
 
-def resolve_recipe(
-    model: str | Path, recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> Recipe:
-    """`--recipe` when given, else the model's own; `--set` overrides apply either way."""
-    return load_recipe(recipe, overrides) if recipe else recipe_of(model, overrides)
-
-
-def _open_checkpoint(path: Path, device: str, threads: int | None) -> tuple[Predictor, ModelInfo]:
-    models = training_stack(path)
-    from fakd_deploy.models.predictor import TorchPredictor, resolve_device
-
-    checkpoint = models.Checkpoint.load(path)
-    model = checkpoint.build(str(path))
-    recipe = checkpoint.recipe_config()
-    data = recipe.data if recipe else None
-    normalise = (
-        Normalise(tuple(data.mean), tuple(data.std), data.pixel_scale)
-        if data
-        else Normalise(IMAGENET_MEAN, IMAGENET_STD)
+def _numbers(path: Path, key: str, value: Any, count: int, positive: bool = False) -> tuple[float, ...]:
+    """`count` finite numbers from the metadata field `key` (positive ones if asked)."""
+    values = value if isinstance(value, list) else None
+    ok = (
+        values is not None
+        and len(values) == count
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        and (not positive or all(v > 0 for v in values))
     )
-    info = ModelInfo(normalise, None, model.num_classes, checkpoint.class_names)
-    return TorchPredictor(model, resolve_device(device), threads), info
+    if not ok:
+        kind = "positive numbers" if positive else "numbers"
+        raise ArtifactError(
+            f"{path}: metadata '{key}' must be a list of {count} finite {kind}, got {value!r}"
+        )
+    return tuple(float(v) for v in values)  # type: ignore[union-attr]  # checked above
 
 
-def _open_deployed(path: Path, backend: str | None, threads: int | None) -> tuple[Predictor, ModelInfo]:
-    from fakd_deploy.deploy.backends import backend_for_file, open_backend
+@dataclass
+class ModelInfo:
+    """How to feed a model: normalisation, fixed input size (if any) and its classes."""
 
-    chosen = backend_for_file(path, backend)
-    predictor = open_backend(path, chosen, threads=threads)
-    return predictor, ModelInfo.from_metadata(stored_metadata(path), getattr(predictor, "input_size", None))
+    normalise: Normalise
+    input_size: tuple[int, int] | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
 
-
-def open_predictor(
-    path: str | Path, backend: str | None = None, device: str = "auto", threads: int | None = None
-) -> tuple[Predictor, ModelInfo]:
-    """A Predictor for a checkpoint, ONNX model or engine, and how to feed it.
-
-    `backend` picks the runtime for an ONNX model (default: ONNX Runtime on the CPU);
-    `device` the torch device for a checkpoint. Models with a fixed input size get images
-    resized to it and predictions resized back, so the Predictor takes any image size.
-    """
-    path = Path(path)
-    kind = kind_of(path)
-    if not path.exists():
-        raise ArtifactError(f"model not found: {path}")
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a directory, not a model file")
-    if kind == "checkpoint":
-        if backend not in (None, "pytorch"):
-            raise BadInput(f"--backend {backend} runs ONNX models and engines; {path} is a checkpoint")
-        predictor, info = _open_checkpoint(path, device, threads)
-    else:
-        predictor, info = _open_deployed(path, backend, threads)
-    return FixedSizePredictor(predictor, info.input_size), info
+    @classmethod
+    def from_metadata(
+        cls, meta: dict[str, Any], input_size: tuple[int, int] | None, path: Path = Path("the model")
+    ) -> ModelInfo:
+        """Read and check the fields a runtime needs; a bad one is named with its file."""
+        mean = _numbers(path, "mean", meta.get("mean", list(IMAGENET_MEAN)), 3)
+        std = _numbers(path, "std", meta.get("std", list(IMAGENET_STD)), 3, positive=True)
+        (scale,) = _numbers(path, "pixel_scale", [meta.get("pixel_scale", 255.0)], 1, positive=True)
+        num_classes = meta.get("num_classes")
+        if num_classes is not None and not (
+            isinstance(num_classes, int)
+            and not isinstance(num_classes, bool)
+            and 1 <= num_classes <= MAX_CLASSES
+        ):
+            raise ArtifactError(
+                f"{path}: metadata 'num_classes' must be a whole number from 1 to {MAX_CLASSES}, "
+                f"got {num_classes!r}"
+            )
+        names = meta.get("class_names")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ArtifactError(f"{path}: metadata 'class_names' must be a list of names, got {names!r}")
+        return cls(Normalise(mean, std, scale), input_size, num_classes, names)

@@ -122,8 +122,8 @@ def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: Force
     """
     with reported():
         from fakd_deploy.deploy.report import report_table, row_errors
-        from fakd_deploy.evaluate import variant_table
         from fakd_deploy.pipeline import run as run_pipeline
+        from fakd_deploy.tables import variant_table
 
         result = run_pipeline(recipe, out, set_, force)
         if result.evaluation:
@@ -217,7 +217,8 @@ def evaluate_cmd(
     Example: [bold]fakd-deploy evaluate runs/quickstart/deploy/fakd_kd.int8.onnx[/bold]
     """
     with reported():
-        from fakd_deploy.evaluate import evaluate_file, evaluation_headline, evaluation_table
+        from fakd_deploy.commands import evaluate_file
+        from fakd_deploy.tables import evaluation_headline, evaluation_table
 
         result = evaluate_file(model, recipe, set_ or [], split, max_images, backend, threads, json_out)
         results.print(evaluation_headline(result), soft_wrap=True)
@@ -291,7 +292,7 @@ def build(
     Example: [bold]fakd-deploy build runs/quickstart/deploy/fakd_kd.onnx --backend ort-cpu-int8[/bold]
     """
     with reported():
-        from fakd_deploy.deploy.build import build_file
+        from fakd_deploy.commands import build_file
 
         overrides = [
             *(set_ or []),

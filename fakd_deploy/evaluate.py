@@ -1,30 +1,24 @@
 """One evaluation path for every backend: a Predictor, batches, a confusion matrix.
 
-A Predictor takes a normalised float32 batch (N, 3, H, W) as a numpy array and returns
-either logits (N, C, h, w) at any resolution or labels (N, H, W). The PyTorch model, an
-ONNX Runtime session and a TensorRT engine all implement it, so the speed/accuracy table
-compares like with like. This module is numpy only: a deployed model is scored on a
-device without torch by exactly the code that scored its checkpoint.
+Any `predictor.Predictor` (the PyTorch model, an ONNX Runtime session, a TensorRT engine)
+is scored here by the same code on the same images, so the speed/accuracy table compares
+like with like. This module is numpy only: a deployed model is scored on a device without
+torch by exactly the code that scored its checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
-from rich.table import Table
 
 from fakd_deploy.data.preprocess import resize_bilinear
 from fakd_deploy.errors import DatasetError
+from fakd_deploy.predictor import Predictor
 from fakd_deploy.progress import progress_bar
 from fakd_deploy.recipe import EvalConfig
-
-
-class Predictor(Protocol):
-    def __call__(self, images: np.ndarray, /) -> np.ndarray: ...
 
 
 class ConfusionMatrix:
@@ -151,110 +145,3 @@ def evaluate(
     if images_seen == 0:
         raise DatasetError("nothing to evaluate: the split (or --max-images) gives no images")
     return {**matrix.compute(), "mode": mode.describe(), "num_classes": num_classes, "images": images_seen}
-
-
-def evaluate_file(
-    model: Path,
-    recipe: Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    split: str | None = None,
-    max_images: int | None = None,
-    backend: str | None = None,
-    threads: int | None = None,
-    json_out: Path | None = None,
-) -> dict[str, Any]:
-    """Score any model file on a split of its recipe's dataset (or `recipe`'s), `--set` applied.
-
-    The result names the dataset, its root and the split that were scored, so an override
-    that changed them is visible in the answer.
-    """
-    from fakd_deploy.artifacts import kind_of, open_predictor, resolve_recipe
-    from fakd_deploy.data.splits import ValBatches, dataset_info
-    from fakd_deploy.utils import save_json
-
-    cfg = resolve_recipe(model, recipe, overrides)
-    predictor, _ = open_predictor(model, backend, cfg.device, threads)
-    data = ValBatches(cfg.data, split, max_images=max_images)
-    num_classes, class_names = dataset_info(cfg.data)
-    mode = cfg.eval if kind_of(model) == "checkpoint" else EvalConfig()
-    result = evaluate(
-        predictor,
-        data,
-        num_classes,
-        cfg.data.ignore_index,
-        mode,
-        description=f"evaluate {model.name}",
-        total=len(data),
-    )
-    result = {
-        "model": str(model),
-        "dataset": cfg.data.name,
-        "root": cfg.data.root,
-        "split": data.split,
-        **result,
-        "class_names": class_names,
-    }
-    if json_out is not None:
-        save_json(result, json_out)
-    return result
-
-
-def summarize_variants(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """mIoU mean, sample standard deviation, min and max over the seeds of each variant.
-
-    A KD gain means something only against the spread of equally trained baselines.
-    """
-    groups: dict[str, list[float]] = {}
-    for row in rows:
-        groups.setdefault(row["variant"], []).append(row["miou"])
-    summary = []
-    for variant, values in groups.items():
-        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-        summary.append(
-            {
-                "variant": variant,
-                "seeds": len(values),
-                "mean": float(np.mean(values)),
-                "std": std,
-                "min": min(values),
-                "max": max(values),
-            }
-        )
-    return summary
-
-
-def variant_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """Mean, spread and range of val mIoU per variant over its seeds."""
-    table = Table(title=f"val mIoU by variant ({rows[0]['mode'] if rows else ''})")
-    for name in ("variant", "seeds", "mean", "std", "min", "max"):
-        table.add_column(name, justify="left" if name == "variant" else "right")
-    for item in summarize_variants(rows):
-        table.add_row(
-            item["variant"],
-            str(item["seeds"]),
-            f"{item['mean']:.2f}",
-            "-" if item["std"] is None else f"{item['std']:.2f}",
-            f"{item['min']:.2f}",
-            f"{item['max']:.2f}",
-        )
-    return table
-
-
-def evaluation_headline(result: dict[str, Any]) -> str:
-    """The numbers a person looks for first, and what was scored."""
-    where = f"{result.get('dataset', '')} {result.get('split', '')}".strip()
-    return (
-        f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  mode {result['mode']}  "
-        f"({result['images']} images{', ' + where if where else ''})"
-    )
-
-
-def evaluation_table(result: dict[str, Any], class_names: Sequence[str] | None = None) -> Table:
-    """Per-class IoU."""
-    table = Table()
-    table.add_column("class")
-    table.add_column("IoU", justify="right")
-    names = class_names or [str(i) for i in range(len(result["per_class_iou"]))]
-    for name, iou in zip(names, result["per_class_iou"], strict=True):
-        table.add_row(name, "-" if iou is None else f"{iou:.2f}")
-    return table

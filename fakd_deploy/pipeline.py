@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fakd_deploy.data import splits
+from fakd_deploy.deploy.rows import BenchReport
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
@@ -257,7 +258,8 @@ def export_student(s: Session, checkpoint: Path) -> Path:
 
 def build_backends(s: Session, onnx: Path) -> list[Path]:
     """Build every backend the recipe lists; any that fails fails the stage (after the others)."""
-    from fakd_deploy.deploy.backends import build, resolve_backend
+    from fakd_deploy.deploy.backends import resolve_backend
+    from fakd_deploy.deploy.build import build
 
     recipe = s.recipe
     artifacts, failures = [], []
@@ -286,7 +288,7 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
     return artifacts
 
 
-def bench_stage(s: Session) -> dict[str, Any]:
+def bench_stage(s: Session) -> BenchReport:
     """Every model and artifact of the run on one table; redone only when one of them changed."""
     from fakd_deploy.deploy.bench import bench_run, candidates
     from fakd_deploy.deploy.report import write_report
@@ -297,12 +299,12 @@ def bench_stage(s: Session) -> dict[str, Any]:
     def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
         result = bench_run(s.recipe, found, s.recipe.bench, title=str(s.run.root))
         written = write_report(result, s.run.root)
-        return [p for p in outputs if p in written.values()], {"rows": len(result["rows"])}
+        return [p for p in outputs if p in written.values()], {"rows": len(result.rows)}
 
     inputs = {"bench": s.recipe.bench, "data": s.recipe.data}
     models = {f"row {i + 1} ({c.model} on {c.backend})": c.path for i, c in enumerate(found)}
     s.stage("bench", inputs | models, work)
-    return read_json(s.run.report("json"))
+    return BenchReport.from_dict(read_json(s.run.report("json")))
 
 
 @dataclass
@@ -311,7 +313,7 @@ class RunResult:
 
     folder: Path
     evaluation: list[dict[str, Any]] = field(default_factory=list)
-    bench: dict[str, Any] | None = None
+    bench: BenchReport | None = None
 
 
 def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False) -> RunResult:

@@ -18,7 +18,6 @@ holds, never what an interrupted command meant to make.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import platform
@@ -26,13 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fakd_deploy import __version__
+from fakd_deploy import __version__, optional
 from fakd_deploy.data import splits
 from fakd_deploy.distributed import agree, barrier, init_distributed, rank_and_world, rank_failures_reported
 from fakd_deploy.errors import BadInput
@@ -66,24 +64,14 @@ class Plan:
     staging: bool = False
 
 
-@cache
-def installed_version(module: str) -> str:
-    """A package's version, or "not installed" (looked up once, without importing it)."""
-    try:
-        return importlib.metadata.version(module)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def versions() -> dict[str, str]:
-    runtime = installed_version("onnxruntime")
-    if runtime == "not installed":
-        runtime = installed_version("onnxruntime-gpu")
+    """What the manifest records: torch (imported already) and the runtime's installed
+    version, looked up without importing it."""
     return {
         "fakd_deploy": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": runtime,
+        **optional.versions("torch"),
+        "onnxruntime": optional.installed("onnxruntime", "onnxruntime-gpu"),
     }
 
 

@@ -87,7 +87,8 @@ say ""
 say "## Pipeline and backends"
 # Which backends can run here, and why the others cannot (one "name<TAB>reason" line each).
 py > "$OUT/backends.tsv" <<'EOF'
-from fakd_deploy.deploy.backends import BACKENDS, unavailable_reason
+from fakd_deploy.deploy.backends import BACKENDS
+from fakd_deploy.deploy.runtime import unavailable_reason
 for name in BACKENDS:
     print(f"{name}\t{unavailable_reason(name) or ''}")
 EOF

@@ -58,7 +58,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Weights are random: enough for everything that checks files, shapes and errors.
     """
     from fakd_deploy.data.splits import calibration_images, dataset_info
-    from fakd_deploy.deploy.backends import build
+    from fakd_deploy.deploy.build import build
     from fakd_deploy.deploy.export import export_onnx
     from fakd_deploy.models import Checkpoint, build_model
     from fakd_deploy.recipe import load_recipe

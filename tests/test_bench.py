@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from fakd_deploy.deploy.bench import add_deltas, bench, bench_run, candidates, split_backends
-from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_latency
+from fakd_deploy.deploy.measure import PeakMemory, measure_latency
 from fakd_deploy.deploy.report import (
     figure_of,
     keep_labels_apart,
@@ -24,6 +24,7 @@ from fakd_deploy.deploy.report import (
     to_markdown,
     write_report,
 )
+from fakd_deploy.deploy.rows import BenchReport, BenchRow, Latency, Status
 from fakd_deploy.errors import BadInput
 from fakd_deploy.recipe import BenchConfig, parse_recipe
 from fakd_deploy.runfolder import RunFolder
@@ -38,7 +39,7 @@ ROW_KEYS = {
     "error",
     "miou",
     "delta_miou",
-    "pass",
+    "passed",
     "latency_ms",
     "gpu_compute_ms",
     "fps",
@@ -82,7 +83,7 @@ class OneChannel(nn.Module):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fakd_deploy.data.splits import calibration_images
-    from fakd_deploy.deploy.backends import build
+    from fakd_deploy.deploy.build import build
     from fakd_deploy.deploy.export import export_onnx
 
     root = tmp_path_factory.mktemp("run")
@@ -106,16 +107,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def result(run: Path) -> dict[str, Any]:
+def result(run: Path) -> BenchReport:
     return bench_run(parse_recipe(RECIPE), candidates(RunFolder(run)), FAST, title=str(run))
 
 
-def _row(result: dict[str, Any], model: str, backend: str) -> dict[str, Any]:
-    return next(r for r in result["rows"] if (r["model"], r["backend"]) == (model, backend))
+def _rows(result: BenchReport) -> list[dict[str, Any]]:
+    """The rows as report.json holds them."""
+    return result.to_dict()["rows"]
 
 
-def test_every_model_and_artifact_gets_a_row(result: dict[str, Any]) -> None:
-    keys = [(r["model"], r["backend"], r["precision"]) for r in result["rows"]]
+def _row(result: BenchReport, model: str, backend: str) -> dict[str, Any]:
+    return next(r for r in _rows(result) if (r["model"], r["backend"]) == (model, backend))
+
+
+def test_every_model_and_artifact_gets_a_row(result: BenchReport) -> None:
+    keys = [(r["model"], r["backend"], r["precision"]) for r in _rows(result)]
     assert keys == [
         ("teacher", "pytorch", "fp32"),
         ("baseline_s0", "pytorch", "fp32"),
@@ -124,12 +130,12 @@ def test_every_model_and_artifact_gets_a_row(result: dict[str, Any]) -> None:
         ("broken", "ort-cpu-fp32", "fp32"),
         ("gray", "ort-cpu-fp32", "fp32"),
     ]
-    for row in result["rows"]:
+    for row in _rows(result):
         assert set(row) >= ROW_KEYS
 
 
-def test_ok_rows_are_complete(result: dict[str, Any]) -> None:
-    for row in result["rows"][:4]:
+def test_ok_rows_are_complete(result: BenchReport) -> None:
+    for row in _rows(result)[:4]:
         assert row["status"] == "ok" and row["error"] is None
         assert 0 <= row["miou"] <= 100
         assert set(row["latency_ms"]) == {"mean", "p50", "p90", "p99"}
@@ -137,11 +143,11 @@ def test_ok_rows_are_complete(result: dict[str, Any]) -> None:
         assert row["fps"] > 0 and row["throughput"] > 0 and row["size_mb"] > 0
         assert row["peak_mem_mb"] >= 0 and row["gpu_compute_ms"] is None
     fp32 = _row(result, "baseline_s0", "ort-cpu-fp32")
-    assert abs(fp32["delta_miou"]) < 0.01 and fp32["pass"] is True and fp32["reference"] == "pytorch"
+    assert abs(fp32["delta_miou"]) < 0.01 and fp32["passed"] is True and fp32["reference"] == "pytorch"
     assert _row(result, "baseline_s0", "pytorch")["delta_miou"] == 0
 
 
-def test_broken_artifacts_become_rows_not_crashes(result: dict[str, Any]) -> None:
+def test_broken_artifacts_become_rows_not_crashes(result: BenchReport) -> None:
     broken = _row(result, "broken", "ort-cpu-fp32")
     assert broken["status"] == "load failed" and "broken.onnx" in broken["error"] and broken["miou"] is None
     gray = _row(result, "gray", "ort-cpu-fp32")
@@ -149,8 +155,8 @@ def test_broken_artifacts_become_rows_not_crashes(result: dict[str, Any]) -> Non
     assert gray["size_mb"] > 0 and gray["miou"] is None
 
 
-def test_header_names_the_machine(result: dict[str, Any]) -> None:
-    header = result["header"]
+def test_header_names_the_machine(result: BenchReport) -> None:
+    header = result.header
     assert header["cpu"] and header["threads"] == 1 and header["batch"] == 2
     assert header["input_size"] == [64, 64] and header["val_images"] == 8
     assert set(header["versions"]) >= {"torch", "onnxruntime", "tensorrt"}
@@ -162,8 +168,8 @@ def test_header_names_the_machine(result: dict[str, Any]) -> None:
 
 def test_backend_filter_and_the_report_in_the_run_folder(run: Path) -> None:
     only, written = bench([run], ["ort-int8"], iters=2, warmup_s=0.0, max_images=4)
-    assert [(r["backend"], r["precision"]) for r in only["rows"]] == [("ort-cpu-int8", "int8")]
-    assert only["rows"][0]["delta_miou"] is None  # neither a PyTorch nor an ORT FP32 row to compare with
+    assert [(r["backend"], r["precision"]) for r in _rows(only)] == [("ort-cpu-int8", "int8")]
+    assert _rows(only)[0]["delta_miou"] is None  # neither a PyTorch nor an ORT FP32 row to compare with
     assert written["json"] == run / "report.json"
 
 
@@ -171,7 +177,7 @@ def test_model_files_are_benched_without_a_run_folder(run: Path, tmp_path: Path)
     """On a device without the training stack: the ONNX rows, ORT FP32 as the reference."""
     files = [run / "deploy" / "baseline.onnx", run / "deploy" / "baseline.int8.onnx"]
     result, written = bench(files, out=tmp_path / "report", iters=2, warmup_s=0.0, max_images=4)
-    rows = {r["backend"]: r for r in result["rows"]}
+    rows = {r["backend"]: r for r in _rows(result)}
     assert set(rows) == {"ort-cpu-fp32", "ort-cpu-int8"}
     assert rows["ort-cpu-int8"]["reference"] == "ort-cpu-fp32" and rows["ort-cpu-int8"]["speedup"] > 0
     assert written["md"] == tmp_path / "report" / "report.md"
@@ -181,8 +187,8 @@ def test_a_backend_that_cannot_run_here_is_a_row_that_says_why(run: Path) -> Non
     if not torch.cuda.is_available():
         only, _ = bench([run], ["trt-fp16", "ort-cuda-fp32"], out=run / "gpu-report", iters=2, warmup_s=0.0)
         # no engine files: one CUDA row per ONNX model, each saying why it cannot run
-        assert {(r["backend"], r["status"]) for r in only["rows"]} == {("ort-cuda-fp32", "not runnable here")}
-        assert len(only["rows"]) == 3 and all(r["error"] for r in only["rows"])
+        assert {(r["backend"], r["status"]) for r in _rows(only)} == {("ort-cuda-fp32", "not runnable here")}
+        assert len(_rows(only)) == 3 and all(r["error"] for r in _rows(only))
 
 
 def test_backend_names_are_split_and_checked() -> None:
@@ -192,22 +198,22 @@ def test_backend_names_are_split_and_checked() -> None:
         split_backends(["ort-fp8"])
 
 
-def test_report_files(result: dict[str, Any], tmp_path: Path) -> None:
+def test_report_files(result: BenchReport, tmp_path: Path) -> None:
     paths = write_report(result, tmp_path)
     assert {p.name for p in paths.values()} == {"report.json", "report.csv", "report.md", "report.png"}
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert set(saved) == {"header", "rows"} and len(saved["rows"]) == len(result["rows"])
+    assert set(saved) == {"header", "rows"} and len(saved["rows"]) == len(_rows(result))
     for row in saved["rows"]:
         assert {"model", "backend", "precision", "status", "miou", "latency_ms", "size_mb"} <= set(row)
         if row["status"] == "ok":
             assert {"p50", "p90", "p99"} <= set(row["latency_ms"])
     with open(tmp_path / "report.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert len(table) == len(result["rows"]) and "latency_p50_ms" in table[0]
+    assert len(table) == len(_rows(result)) and "latency_p50_ms" in table[0]
     markdown = (tmp_path / "report.md").read_text()
     assert "| model |" in markdown and "broken" in markdown and "host latency" in markdown
     assert Image.open(tmp_path / "report.png").format == "PNG"
-    assert report_table(result).row_count == len(result["rows"])
+    assert report_table(result).row_count == len(_rows(result))
 
 
 def test_latency_is_time_based_with_a_floor() -> None:
@@ -217,8 +223,8 @@ def test_latency_is_time_based_with_a_floor() -> None:
     )
     assert len(times) == 7 and len(calls) == 8  # one warm-up call
     assert len(measure_latency(lambda x: x, np.zeros(1), 0.0, 10.0, iters=4)) == 4
-    stats = latency_stats([1.0, 2.0, 3.0, 4.0])
-    assert stats["p50"] == 2.5 and stats["mean"] == 2.5
+    stats = Latency.of([1.0, 2.0, 3.0, 4.0])
+    assert stats.p50 == 2.5 and stats.mean == 2.5
 
 
 def test_which_file_each_backend_runs() -> None:
@@ -249,17 +255,18 @@ def test_peak_memory_sees_each_block_even_after_a_freed_one() -> None:
         assert 180 <= memory.mb(gpu=False) <= 260
 
 
-def _fake(model: str, backend: str, miou: float, p50: float, status: str = "ok") -> dict[str, Any]:
-    return {
-        "model": model,
-        "backend": backend,
-        "precision": "fp32",
-        "status": status,
-        "miou": miou,
-        "latency_ms": {"p50": p50},
-        "delta_miou": None,
-        "pass": None,
-    }
+def _fake(model: str, backend: str, miou: float, p50: float, status: Status = Status.OK) -> BenchRow:
+    return BenchRow(
+        model=model,
+        backend=backend,
+        runtime="onnxruntime",
+        precision="fp32",
+        artifact=f"{model}.onnx",
+        size_mb=1.0,
+        status=status,
+        miou=miou,
+        latency_ms=Latency(p50, p50, p50, p50),
+    )
 
 
 def test_pareto_front_and_deltas() -> None:
@@ -268,14 +275,14 @@ def test_pareto_front_and_deltas() -> None:
         _fake("a", "ort-cpu-fp32", 69.5, 40.0),
         _fake("a", "trt-fp16", 60.0, 50.0),
         _fake("b", "pytorch", 75.0, 300.0),
-        _fake("c", "ort-cpu-fp32", 0.0, 0.0, status="failed"),
+        _fake("c", "ort-cpu-fp32", 0.0, 0.0, status=Status.RUN_FAILED),
     ]
     assert pareto_front(rows) == [0, 1, 3]
     add_deltas(rows, tolerance=1.0)
-    assert rows[1]["delta_miou"] == -0.5 and rows[1]["pass"] is True
-    assert rows[1]["speedup"] == 2.5 and rows[2]["speedup"] == 2.0 and rows[0]["speedup"] == 1.0
-    assert rows[2]["pass"] is False and rows[4]["delta_miou"] is None
-    assert "| a |" in to_markdown({"header": {}, "rows": rows})
+    assert rows[1].delta_miou == -0.5 and rows[1].passed is True
+    assert rows[1].speedup == 2.5 and rows[2].speedup == 2.0 and rows[0].speedup == 1.0
+    assert rows[2].passed is False and rows[4].delta_miou is None
+    assert "| a |" in to_markdown(BenchReport({}, rows))
 
 
 def test_plot_labels_do_not_cover_each_other() -> None:
@@ -287,7 +294,7 @@ def test_plot_labels_do_not_cover_each_other() -> None:
         _fake("kd_s0", "pytorch", 67.6, 8.2),
         _fake("teacher", "pytorch", 75.2, 13.0),
     ]
-    figure = figure_of({"header": {}, "rows": rows})
+    figure = figure_of(BenchReport({}, rows))
     (axes,) = figure.axes
     boxes = [text.get_window_extent() for text in axes.texts]
     assert len(boxes) == len(rows)

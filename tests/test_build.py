@@ -13,12 +13,14 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-from fakd_deploy.deploy.backends import ALIASES, BACKENDS, artifact_path, build, resolve_backend
+from fakd_deploy.artifacts import Artifact
+from fakd_deploy.deploy.backends import ALIASES, BACKENDS, artifact_path, resolve_backend
+from fakd_deploy.deploy.build import build
 from fakd_deploy.deploy.export import export_onnx
 from fakd_deploy.deploy.onnx_meta import read_metadata
 from fakd_deploy.deploy.ort import OrtPredictor
 from fakd_deploy.deploy.qdq import check_tensorrt_qdq, fusion_advice
-from fakd_deploy.deploy.quantize import is_quantized, tail_nodes
+from fakd_deploy.deploy.quantize import tail_nodes
 from fakd_deploy.errors import BackendUnavailable, BadInput
 
 CLASSES = 5
@@ -204,7 +206,7 @@ def test_int8_keeps_the_logit_tail_in_float(fp32: Path, tmp_path: Path) -> None:
         assert last.op_type == "Resize"
         classifier = producers[last.input[0]]
         assert classifier.op_type == "Conv" and classifier.input[1] not in producers  # float weights
-        assert is_quantized(tmp_path / name)
+        assert Artifact.open(tmp_path / name).quantized
 
 
 _TRAINED: dict[str, object] = {}

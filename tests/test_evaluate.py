@@ -8,8 +8,9 @@ import torch
 
 from fakd_deploy.data.preprocess import resize_bilinear
 from fakd_deploy.errors import DatasetError
-from fakd_deploy.evaluate import ConfusionMatrix, evaluate, predict_labels, summarize_variants
+from fakd_deploy.evaluate import ConfusionMatrix, evaluate, predict_labels
 from fakd_deploy.recipe import EvalConfig
+from fakd_deploy.tables import summarize_variants
 
 
 def miou_by_sets(target: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> float:

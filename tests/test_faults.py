@@ -87,8 +87,8 @@ def test_bench_discovers_a_crafted_checkpoint_as_a_failed_row(
     path.rename(run / "students" / "evil_s0" / "best.pt")
     (run / "recipe.yaml").write_text(tiny_recipe.read_text())
     result, _ = bench([run], ["pytorch"], iters=1, warmup_s=0.0, max_images=2)
-    row = result["rows"][0]
-    assert row["status"] == "load failed" and "refusing to unpickle" in row["error"]
+    row = result.rows[0]
+    assert row.status == "load failed" and row.error and "refusing to unpickle" in row.error
     assert not marker.exists()
 
 
@@ -413,7 +413,7 @@ def test_a_failed_build_fails_the_stage_after_building_the_others(
     tmp_path: Path, artifacts: dict[str, Path], monkeypatch
 ) -> None:
     from fakd_deploy import pipeline
-    from fakd_deploy.deploy import backends
+    from fakd_deploy.deploy import build as deploy_build
     from fakd_deploy.recipe import load_recipe
 
     recipe = load_recipe(
@@ -423,14 +423,14 @@ def test_a_failed_build_fails_the_stage_after_building_the_others(
     (tmp_path / "deploy").mkdir()
     onnx = tmp_path / "deploy" / "student.onnx"
     onnx.write_bytes(artifacts["onnx"].read_bytes())
-    real = backends.build
+    real = deploy_build.build
 
     def build(path: Path, backend: str, **kwargs: object) -> Path:
         if backend == "trt-fp16":
             raise BuildError("TensorRT could not build it")
         return real(path, backend, **kwargs)
 
-    monkeypatch.setattr(backends, "build", build)
+    monkeypatch.setattr(deploy_build, "build", build)
     session = pipeline.Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run))
     with pytest.raises(StageFailed, match="could not build trt-fp16"):
         pipeline.build_backends(session, onnx)
@@ -490,7 +490,7 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch, artifacts: dict[
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("fakd_deploy.evaluate.evaluate", broken)
+    monkeypatch.setattr("fakd_deploy.commands.evaluate", broken)
     result = cli("evaluate", artifacts["onnx"])
     assert isinstance(result.exception, ZeroDivisionError) and result.exit_code == 1
 
@@ -830,7 +830,10 @@ def test_a_checkpoint_asking_for_a_huge_model_is_refused_before_allocating(
     for arch, name in (({"num_classes": 400_000_000}, "num_classes"), ({"channels": 10**9}, "channels")):
         path = tmp_path / f"{name}.pt"
         Checkpoint(model=real.model, arch={**real.arch, **arch}, recipe=real.recipe).save(path)
-        refused(cli("evaluate", path), 2, f"{name}.pt", name, "outside 1..")
+        image = tmp_path / "image.png"
+        Image.new("RGB", (32, 32)).save(image)
+        refused(cli("predict", path, image, "--out", tmp_path / "p"), 2, f"{name}.pt", name, "outside 1..")
+        refused(cli("evaluate", path), 2, f"{name}.pt")  # the class count, or the bound
 
 
 def test_a_stored_checkpoint_never_fetches_weights(

@@ -17,9 +17,11 @@ import pytest
 from onnx_graphs import onnx_segmenter
 
 from fakd_deploy.deploy import cuda
-from fakd_deploy.deploy.backends import build, open_backend, unavailable_reason
-from fakd_deploy.deploy.measure import latency_stats, measure_gpu_compute, measure_latency
+from fakd_deploy.deploy.build import build
+from fakd_deploy.deploy.measure import measure_gpu_compute, measure_latency
 from fakd_deploy.deploy.ort import OrtPredictor
+from fakd_deploy.deploy.rows import Latency
+from fakd_deploy.deploy.runtime import open_backend, unavailable_reason
 from fakd_deploy.deploy.trt import EngineMismatch, TrtPredictor, load_sidecar, sidecar_path
 
 pytestmark = pytest.mark.gpu
@@ -86,10 +88,10 @@ def test_engine_from_another_gpu_is_refused(fp32: Path) -> None:
 def test_tensorrt_bench_numbers_gpu_compute_below_host_latency(fp32: Path) -> None:
     predictor = TrtPredictor(build(fp32, "trt-fp16"))
     image = _images(1)
-    host = latency_stats(measure_latency(predictor, image, warmup_s=0.2, seconds=0.5))
+    host = Latency.of(measure_latency(predictor, image, warmup_s=0.2, seconds=0.5))
     compute = measure_gpu_compute(predictor, image, warmup_s=0.2, seconds=0.5)
     assert compute is not None and min(compute) > 0
-    assert latency_stats(compute)["p50"] <= host["p50"]
+    assert Latency.of(compute).p50 <= host.p50
 
 
 @pytest.mark.parametrize("backend", ["ort-cuda-fp32", "ort-cuda-fp16", "ort-trt-fp16", "ort-trt-int8"])

@@ -13,14 +13,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
 from fakd_deploy.deploy import backends, cuda
-from fakd_deploy.deploy.backends import (
-    ALIASES,
-    BACKENDS,
-    GpuTimed,
-    open_backend,
-    resolve_backend,
-    unavailable_reason,
-)
+from fakd_deploy.deploy.backends import ALIASES, BACKENDS, resolve_backend
 from fakd_deploy.deploy.measure import measure_gpu_compute, measure_latency
 from fakd_deploy.deploy.ort import (
     CPU,
@@ -29,10 +22,11 @@ from fakd_deploy.deploy.ort import (
     OrtGpuPredictor,
     OrtPredictor,
     provider_options,
-    run_fixed_batch,
 )
 from fakd_deploy.deploy.quantize import quantize_ort_int8
+from fakd_deploy.deploy.runtime import open_backend, unavailable_reason
 from fakd_deploy.errors import BackendUnavailable, BadInput
+from fakd_deploy.predictor import GpuTimed, run_fixed_batch
 from fakd_deploy.recipe import BackendName
 
 GPU_PROVIDERS = [TENSORRT, CUDA, CPU]

@@ -11,10 +11,11 @@ import torch
 from helpers import TinySegmenter
 from PIL import Image
 
-from fakd_deploy.artifacts import ModelInfo, open_predictor
+from fakd_deploy.artifacts import ModelInfo
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.deploy.export import export_onnx
 from fakd_deploy.deploy.predict import palette, predict
+from fakd_deploy.deploy.runtime import open_predictor
 from fakd_deploy.errors import ArtifactError, BadInput
 
 CLASSES = 5

@@ -17,7 +17,7 @@ from onnx import helper as oh
 
 from fakd_deploy.deploy import cuda
 from fakd_deploy.deploy import trt as trt_module
-from fakd_deploy.deploy.backends import build
+from fakd_deploy.deploy.build import build
 from fakd_deploy.deploy.onnx_meta import write_metadata
 from fakd_deploy.deploy.trt import (
     INSTALL_HINT,

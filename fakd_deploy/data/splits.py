@@ -65,6 +65,8 @@ class ValBatches:
         self.batch_size = batch_size or cfg.val_batch_size
         self.max_images = max_images
         self.images = len(self.dataset) if max_images is None else min(max_images, len(self.dataset))
+        self.num_classes: int = self.dataset.num_classes
+        self.class_names: list[str] = list(self.dataset.class_names)
 
     def __iter__(self) -> Iterator[Batch]:
         return batches(self.dataset, self.batch_size, self.max_images)

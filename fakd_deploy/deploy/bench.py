@@ -22,22 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from fakd_deploy import __version__
-from fakd_deploy.artifacts import SUFFIXES, FixedSizePredictor, open_predictor, resolve_recipe
-from fakd_deploy.data.splits import ValBatches, dataset_info
-from fakd_deploy.deploy.measure import PeakMemory, latency_stats, measure_gpu_compute, measure_latency
+from fakd_deploy import __version__, optional
+from fakd_deploy.artifacts import SUFFIXES, Artifact, resolve_recipe
+from fakd_deploy.data.splits import ValBatches
+from fakd_deploy.deploy.measure import PeakMemory, measure_gpu_compute, measure_latency
+from fakd_deploy.deploy.rows import BenchReport, BenchRow, Latency, Status
+from fakd_deploy.deploy.runtime import open_predictor
 from fakd_deploy.errors import BadInput, FakdError, error_summary
 from fakd_deploy.evaluate import evaluate
+from fakd_deploy.predictor import FixedSizePredictor
 from fakd_deploy.recipe import BenchConfig, Recipe
 from fakd_deploy.runfolder import RunFolder
 from fakd_deploy.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_LOAD_FAILED = "load failed"
-STATUS_RUN_FAILED = "loads, fails to run"
-STATUS_SKIPPED = "not runnable here"
 PYTORCH = "pytorch"
 
 
@@ -62,10 +61,8 @@ def split_backends(names: list[str] | None) -> list[str] | None:
 
 def _source_sha(path: Path) -> str | None:
     """The checkpoint hash an artifact records, or None when it cannot be read."""
-    from fakd_deploy.artifacts import stored_metadata
-
     try:
-        return stored_metadata(path).get("checkpoint_sha256")
+        return Artifact.open(path).source_sha256
     except FakdError:
         return None
 
@@ -73,7 +70,8 @@ def _source_sha(path: Path) -> str | None:
 def file_candidates(path: Path, model: str, backends: list[str] | None) -> list[Candidate]:
     """The rows one file gives: a checkpoint on PyTorch; an ONNX model or engine on every
     backend that runs that kind of artifact (only those usable here unless asked for)."""
-    from fakd_deploy.deploy.backends import BACKENDS, runs_artifact, unavailable_reason
+    from fakd_deploy.deploy.backends import BACKENDS, runs_artifact
+    from fakd_deploy.deploy.runtime import unavailable_reason
 
     if path.suffix in (".pt", ".pth"):
         return [Candidate(model, PYTORCH, path)] if backends is None or PYTORCH in backends else []
@@ -109,40 +107,25 @@ def _size_mb(path: Path) -> float:
 
 
 def bench_one(
-    candidate: Candidate,
-    data: ValBatches,
-    num_classes: int,
-    ignore_index: int,
-    size: tuple[int, int] | None,
-    cfg: BenchConfig,
-) -> dict[str, Any]:
+    candidate: Candidate, data: ValBatches, ignore_index: int, size: tuple[int, int] | None, cfg: BenchConfig
+) -> BenchRow:
     """One row; a load failure and a run failure each get their own status."""
-    from fakd_deploy.deploy.backends import BACKENDS, unavailable_reason
+    from fakd_deploy.deploy.backends import BACKENDS
+    from fakd_deploy.deploy.runtime import unavailable_reason
 
     backend = BACKENDS.get(candidate.backend)
-    row: dict[str, Any] = {
-        "model": candidate.model,
-        "backend": candidate.backend,
-        "runtime": backend.runtime if backend else PYTORCH,
-        "precision": backend.precision if backend else "fp32",
-        "artifact": candidate.path.name,
-        "status": STATUS_LOAD_FAILED,
-        "error": None,
-        "miou": None,
-        "delta_miou": None,
-        "pass": None,
-        "latency_ms": None,
-        "gpu_compute_ms": None,
-        "fps": None,
-        "throughput": None,
-        "size_mb": round(_size_mb(candidate.path), 3),
-        "peak_mem_mb": None,
-        "device": None,
-        "speedup": None,
-    }
+    row = BenchRow(
+        model=candidate.model,
+        backend=candidate.backend,
+        runtime=backend.runtime if backend else PYTORCH,
+        precision=backend.precision if backend else "fp32",
+        artifact=candidate.path.name,
+        size_mb=round(_size_mb(candidate.path), 3),
+    )
     reason = unavailable_reason(backend) if backend else None
     if reason:
-        return {**row, "status": STATUS_SKIPPED, "error": reason}
+        row.status, row.error = Status.SKIPPED, reason
+        return row
     gpu = bool(backend and backend.device == "cuda")
     with PeakMemory(gpu=gpu) as memory:
         try:
@@ -150,37 +133,41 @@ def bench_one(
                 candidate.path, None if backend is None else backend.name, threads=cfg.threads
             )
         except FakdError as error:
-            return {**row, "error": error_summary(error)}
-        row["device"] = "cuda" if gpu or getattr(predictor, "on_gpu", False) else "cpu"
+            row.error = error_summary(error)
+            return row
+        row.device = "cuda" if gpu else "cpu"
         try:
             scored = FixedSizePredictor(predictor, size)
             result = evaluate(
                 scored,
                 data,
-                num_classes,
+                data.num_classes,
                 ignore_index,
                 total=len(data),
                 description=f"{candidate.model} {candidate.backend}",
             )
         except Exception as error:  # a runtime's own exception types; the row says which
-            return {**row, "status": STATUS_RUN_FAILED, "error": error_summary(error)}
-    row.update(miou=round(result["miou"], 3), peak_mem_mb=round(memory.mb(gpu), 1))
+            row.status, row.error = Status.RUN_FAILED, error_summary(error)
+            return row
+    row.miou, row.peak_mem_mb = round(result["miou"], 3), round(memory.mb(gpu), 1)
     try:
         one = timing_images(data, 1, size)
-        stats = latency_stats(measure_latency(predictor, one, cfg.warmup_s, cfg.seconds, cfg.iters))
-        row.update(latency_ms=stats, fps=round(1000 / stats["mean"], 2))
+        row.latency_ms = Latency.of(measure_latency(predictor, one, cfg.warmup_s, cfg.seconds, cfg.iters))
+        row.fps = round(1000 / row.latency_ms.mean, 2)
         engine = getattr(predictor, "predictor", predictor)  # the runtime inside the resizing wrapper
         gpu_times = measure_gpu_compute(engine, one, cfg.warmup_s, cfg.seconds, cfg.iters)
         if gpu_times:
-            row["gpu_compute_ms"] = latency_stats(gpu_times)
+            row.gpu_compute_ms = Latency.of(gpu_times)
         if cfg.batch > 1:
             batched = measure_latency(
                 predictor, timing_images(data, cfg.batch, size), cfg.warmup_s, cfg.seconds, cfg.iters
             )
-            row["throughput"] = round(cfg.batch * 1000 / float(np.mean(batched)), 2)
+            row.throughput = round(cfg.batch * 1000 / float(np.mean(batched)), 2)
     except Exception as error:  # as above
-        return {**row, "status": STATUS_RUN_FAILED, "error": error_summary(error)}
-    return {**row, "status": STATUS_OK}
+        row.status, row.error = Status.RUN_FAILED, error_summary(error)
+        return row
+    row.status = Status.OK
+    return row
 
 
 def timing_images(data: ValBatches, count: int, size: tuple[int, int] | None) -> np.ndarray:
@@ -196,26 +183,28 @@ def timing_images(data: ValBatches, count: int, size: tuple[int, int] | None) ->
     return resize_bilinear(stacked, size) if size else stacked
 
 
-def add_deltas(rows: list[dict[str, Any]], tolerance: float) -> None:
+def add_deltas(rows: list[BenchRow], tolerance: float) -> None:
     """mIoU change and p50 speed-up of each row against its model's reference row.
 
     The reference is the PyTorch row of the same model or, where there is none (an edge
     device without torch), its ONNX Runtime FP32 row on the CPU.
     """
-    ok = [row for row in rows if row["status"] == STATUS_OK]
-    reference: dict[str, dict[str, Any]] = {}
+    ok = [row for row in rows if row.ok and row.miou is not None and row.latency_ms is not None]
+    reference: dict[str, BenchRow] = {}
     for preferred in (PYTORCH, "ort-cpu-fp32"):
         for row in ok:
-            if row["backend"] == preferred:
-                reference.setdefault(row["model"], row)
+            if row.backend == preferred:
+                reference.setdefault(row.model, row)
     for row in ok:
-        base = reference.get(row["model"])
+        base = reference.get(row.model)
         if base is None:
             continue
-        row["reference"] = base["backend"]
-        row["delta_miou"] = round(row["miou"] - base["miou"], 3)
-        row["pass"] = abs(row["delta_miou"]) <= tolerance
-        row["speedup"] = round(base["latency_ms"]["p50"] / row["latency_ms"]["p50"], 2)
+        assert base.miou is not None and base.latency_ms is not None
+        assert row.miou is not None and row.latency_ms is not None
+        row.reference = base.backend
+        row.delta_miou = round(row.miou - base.miou, 3)
+        row.passed = abs(row.delta_miou) <= tolerance
+        row.speedup = round(base.latency_ms.p50 / row.latency_ms.p50, 2)
 
 
 def _cpu_name() -> str:
@@ -234,13 +223,6 @@ def _gpu_name() -> str | None:
     from fakd_deploy.deploy import cuda
 
     return None if cuda.no_gpu_reason() else cuda.device_info()["gpu"]
-
-
-def _version(module: str) -> str:
-    try:
-        return str(__import__(module).__version__)
-    except ImportError:
-        return "not installed"
 
 
 def header(
@@ -267,25 +249,22 @@ def header(
         "versions": {
             "fakd_deploy": __version__,
             "python": platform.python_version(),
-            "torch": _version("torch"),
-            "onnxruntime": _version("onnxruntime"),
-            "tensorrt": _version("tensorrt"),
+            **optional.versions("torch", "onnxruntime", "tensorrt"),
         },
     }
 
 
-def bench_run(recipe: Recipe, found: list[Candidate], cfg: BenchConfig, title: str = "") -> dict[str, Any]:
-    """Benchmark candidates on the recipe's val split: `{"header": ..., "rows": [...]}`."""
-    num_classes, _ = dataset_info(recipe.data)
+def bench_run(recipe: Recipe, found: list[Candidate], cfg: BenchConfig, title: str = "") -> BenchReport:
+    """Benchmark candidates on the recipe's val split."""
     export = recipe.deploy.export
     size = (export.height, export.width) if export.height and export.width else None
     data = ValBatches(recipe.data, max_images=cfg.max_images)
     rows = []
     for candidate in found:
-        rows.append(bench_one(candidate, data, num_classes, recipe.data.ignore_index, size, cfg))
+        rows.append(bench_one(candidate, data, recipe.data.ignore_index, size, cfg))
         gc.collect()
     add_deltas(rows, cfg.tolerance)
-    return {"header": header(title, recipe, data, cfg, size), "rows": rows}
+    return BenchReport(header(title, recipe, data, cfg, size), rows)
 
 
 def bench(
@@ -295,7 +274,7 @@ def bench(
     overrides: list[str] | None = None,
     out: Path | None = None,
     **options: Any,
-) -> tuple[dict[str, Any], dict[str, Path]]:
+) -> tuple[BenchReport, dict[str, Path]]:
     """The `bench` command: a run folder (every model in it), or model files given one by one.
 
     `options` override the recipe's `bench` section (threads, seconds, iters, ...). The

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from fakd_deploy.artifacts import Artifact
 from fakd_deploy.deploy.backends import Backend, artifact_path, model_stem, resolve_backend
 from fakd_deploy.deploy.fp16 import to_fp16
-from fakd_deploy.deploy.onnx_meta import load_onnx, read_metadata
+from fakd_deploy.deploy.onnx_meta import load_onnx
 from fakd_deploy.deploy.qdq import check_tensorrt_qdq
-from fakd_deploy.deploy.quantize import is_quantized, quantize_ort_int8, quantize_tensorrt_int8
 from fakd_deploy.errors import BadInput
 from fakd_deploy.utils import atomic_write
 
@@ -35,19 +35,20 @@ def _need_calibration(images: CalibImages, backend: Backend) -> Iterable[np.ndar
     return images
 
 
-def _refuse_quantized(onnx_path: Path, backend: Backend) -> None:
-    if is_quantized(onnx_path):
+def _refuse_quantized(model: Artifact, backend: Backend) -> None:
+    if model.quantized:
         raise BadInput(
-            f"{onnx_path} is already quantized; build {backend.name} from the exported "
-            f"FP32 model {model_stem(onnx_path)}.onnx"
+            f"{model.path} is already quantized; build {backend.name} from the exported "
+            f"FP32 model {model_stem(model.path)}.onnx"
         )
 
 
-def _usable_qdq(onnx_path: Path, backend: Backend) -> bool:
+def _usable_qdq(model: Artifact, backend: Backend) -> bool:
     """True when the input is a Q/DQ model TensorRT accepts; `BadInput` for one it rejects."""
-    if not is_quantized(onnx_path):
+    if not model.quantized:
         return False
-    problems = check_tensorrt_qdq(load_onnx(onnx_path, load_external_data=False))
+    onnx_path = model.path
+    problems = check_tensorrt_qdq(model.graph)
     if problems:
         fp32 = onnx_path.with_name(f"{model_stem(onnx_path)}.onnx")
         raise BadInput(
@@ -72,22 +73,25 @@ def write_fp16(onnx_path: Path, target: Path) -> Path:
     return atomic_write(target, lambda tmp: onnx.save_model(model, str(tmp)))
 
 
-def _qdq(onnx_path: Path, backend: Backend, images: CalibImages, method: str) -> Path:
+def _qdq(model: Artifact, backend: Backend, images: CalibImages, method: str) -> Path:
     """`X.qdq.onnx`: the given model if it already is one TensorRT accepts, else quantized now."""
-    if _usable_qdq(onnx_path, backend):
-        return onnx_path
-    target = onnx_path.with_name(f"{model_stem(onnx_path)}.qdq.onnx")
-    return quantize_tensorrt_int8(onnx_path, target, _need_calibration(images, backend), method)
+    if _usable_qdq(model, backend):
+        return model.path
+    from fakd_deploy.deploy.quantize import quantize_tensorrt_int8
+
+    target = model.path.with_name(f"{model_stem(model.path)}.qdq.onnx")
+    return quantize_tensorrt_int8(model.path, target, _need_calibration(images, backend), method)
 
 
 def _engine(
-    onnx_path: Path, backend: Backend, target: Path, images: CalibImages, method: str, workspace_gb: float
+    model: Artifact, backend: Backend, target: Path, images: CalibImages, method: str, workspace_gb: float
 ) -> Path:
     from fakd_deploy.deploy.trt import build_engine, build_plan, import_tensorrt
 
+    onnx_path = model.path
     if backend.precision != "int8":
-        _refuse_quantized(onnx_path, backend)
-    elif not _usable_qdq(onnx_path, backend):  # refuses the UINT8 model before any GPU is touched
+        _refuse_quantized(model, backend)
+    elif not _usable_qdq(model, backend):  # refuses the UINT8 model before any GPU is touched
         _need_calibration(images, backend)
     trt = import_tensorrt()  # fail before spending minutes on calibration
     plan = build_plan(trt.__version__, backend.precision)
@@ -96,11 +100,11 @@ def _engine(
     if plan.source == "fp16":
         source = write_fp16(onnx_path, onnx_path.with_name(f"{stem}.fp16.onnx"))
     elif plan.source.startswith("qdq"):
-        source = _qdq(onnx_path, backend, images, method)
+        source = _qdq(model, backend, images, method)
         if plan.source == "qdq-fp16":
             source = write_fp16(source, onnx_path.with_name(f"{stem}.qdq.fp16.onnx"))
     fp32 = onnx_path.with_name(f"{stem}.onnx")
-    metadata = read_metadata(fp32 if fp32.exists() else onnx_path)
+    metadata = Artifact.open(fp32).metadata if fp32.exists() and fp32 != onnx_path else model.metadata
     return build_engine(
         source,
         target,
@@ -112,7 +116,7 @@ def _engine(
 
 
 def build(
-    onnx_path: str | Path,
+    onnx_model: Artifact | str | Path,
     backend: str | Backend,
     calib_images: CalibImages = None,
     calib_method: str = "minmax",
@@ -125,35 +129,21 @@ def build(
     INT8 builds (which refuse to run without them).
     """
     spec = resolve_backend(backend)
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise BadInput(f"ONNX model not found: {onnx_path}")
+    model = onnx_model if isinstance(onnx_model, Artifact) else Artifact.open(onnx_model)
+    if model.kind != "onnx":
+        raise BadInput(f"build takes an ONNX model from `export`; {model.path} is not one")
+    onnx_path = model.path
     target = Path(out) if out else artifact_path(onnx_path, spec)
     if spec.engine:
-        return _engine(onnx_path, spec, target, calib_images, calib_method, workspace_gb)
+        return _engine(model, spec, target, calib_images, calib_method, workspace_gb)
     if spec.suffix == ".qdq.onnx":
-        source = _qdq(onnx_path, spec, calib_images, calib_method)
+        source = _qdq(model, spec, calib_images, calib_method)
         return _copy(source, target)
-    _refuse_quantized(onnx_path, spec)
+    _refuse_quantized(model, spec)
     if spec.suffix == ".int8.onnx":
+        from fakd_deploy.deploy.quantize import quantize_ort_int8
+
         return quantize_ort_int8(onnx_path, target, _need_calibration(calib_images, spec), calib_method)
     if spec.suffix == ".fp16.onnx":
         return write_fp16(onnx_path, target)
     return _copy(onnx_path, target)
-
-
-def build_file(
-    onnx_path: Path, backend: str, recipe: Path | None = None, overrides: list[str] | None = None
-) -> Path:
-    """The `build` command: calibration images (INT8 only) come from the model's stored recipe,
-    or `recipe`, with `--set` overrides; FP32 and FP16 builds need no recipe at all."""
-    from fakd_deploy.artifacts import resolve_recipe
-    from fakd_deploy.data.splits import calibration_images
-
-    spec = resolve_backend(backend)
-    if spec.precision != "int8":
-        if recipe is not None or overrides:
-            raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
-        return build(onnx_path, spec)
-    cfg = resolve_recipe(onnx_path, recipe, overrides or [])
-    return build(onnx_path, spec, calibration_images(cfg.data, cfg.deploy.calib), cfg.deploy.calib_method)

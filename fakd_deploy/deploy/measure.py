@@ -130,18 +130,8 @@ def measure_gpu_compute(
     predictor: Any, images: np.ndarray, warmup_s: float = 1.0, seconds: float = 3.0, iters: int | None = None
 ) -> list[float] | None:
     """GPU compute milliseconds per run for a `GpuTimed` predictor; None for any other."""
-    from fakd_deploy.deploy.backends import GpuTimed
+    from fakd_deploy.predictor import GpuTimed
 
     if not isinstance(predictor, GpuTimed):
         return None
     return predictor.gpu_compute_ms(np.asarray(images, dtype=np.float32), warmup_s, seconds, iters)
-
-
-def latency_stats(times: list[float]) -> dict[str, float]:
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {
-        "mean": round(float(np.mean(times)), 3),
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
-    }

@@ -12,7 +12,6 @@ on device-resident inputs with CUDA events, as trtexec's "GPU compute" does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,42 +19,13 @@ import numpy as np
 import onnxruntime as ort
 
 from fakd_deploy.errors import ArtifactError, BackendUnavailable, error_summary
+from fakd_deploy.predictor import as_prediction, run_fixed_batch
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
 ProviderList = list[tuple[str, dict[str, str]]]
-
-
-def run_fixed_batch(
-    run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int | None
-) -> np.ndarray:
-    """Call `run` on chunks of exactly `batch` images; the last chunk is zero-padded and trimmed.
-
-    A static-batch model rejects any other batch size, yet evaluation and benchmarks
-    hand it whatever the loader yields.
-    """
-    count = images.shape[0]
-    if batch is None or count == batch:
-        return run(images)
-    outputs = []
-    for start in range(0, count, batch):
-        chunk = images[start : start + batch]
-        real = chunk.shape[0]
-        if real < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(run(chunk)[:real])
-    return np.concatenate(outputs)
-
-
-def as_prediction(out: np.ndarray) -> np.ndarray:
-    """Logits as float32, labels as int64: what every Predictor returns."""
-    return (
-        out.astype(np.float32, copy=False)
-        if np.issubdtype(out.dtype, np.floating)
-        else out.astype(np.int64, copy=False)
-    )
 
 
 def cache_dir(artifact: str | Path) -> Path:

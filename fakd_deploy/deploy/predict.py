@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fakd_deploy.artifacts import open_predictor
 from fakd_deploy.data.base import open_image
+from fakd_deploy.deploy.runtime import open_predictor
 from fakd_deploy.errors import BadInput
 from fakd_deploy.utils import atomic_write
 

@@ -39,7 +39,7 @@ from onnxruntime.quantization import (
 )
 
 from fakd_deploy.data.preprocess import resize_bilinear
-from fakd_deploy.deploy.onnx_meta import load_onnx, read_metadata, write_metadata
+from fakd_deploy.deploy.onnx_meta import load_onnx, model_metadata, write_metadata
 from fakd_deploy.deploy.qdq import (
     WEIGHTED,
     check_tensorrt_qdq,
@@ -139,7 +139,7 @@ def _quantize(
     batch, size = _input_shape(model)
     feeds = calibration_feeds(calib_images, size, batch)
     metadata: dict[str, Any] = {
-        **read_metadata(onnx_path),
+        **model_metadata(model),
         "precision": "int8",
         "calib_method": method,
         "calib_images": sum(len(feed) for feed in feeds),
@@ -240,9 +240,3 @@ def quantize_tensorrt_int8(
             )
 
     return _quantize(Path(onnx_path), Path(out), calib_images, method, "int8-symmetric", options, finish)
-
-
-def is_quantized(onnx_path: str | Path) -> bool:
-    """True for a QDQ model."""
-    model = load_onnx(onnx_path, load_external_data=False)
-    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)

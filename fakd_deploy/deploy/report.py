@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
+from fakd_deploy.deploy.rows import BenchReport, BenchRow
 from fakd_deploy.utils import atomic_write, save_json, save_text
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ COLUMNS = [
     ("device", "device"),
     ("miou", "mIoU"),
     ("delta_miou", "ΔmIoU"),
-    ("pass", "pass"),
+    ("passed", "pass"),
     ("latency_p50_ms", "p50 ms"),
     ("latency_p90_ms", "p90 ms"),
     ("latency_p99_ms", "p99 ms"),
@@ -51,13 +52,12 @@ SCREEN_SKIP = {"device", "peak_mem_mb"}
 TEXT_COLUMNS = {"model", "backend", "precision", "device", "status"}
 
 
-def flat(row: dict[str, Any]) -> dict[str, Any]:
+def flat(row: BenchRow) -> dict[str, Any]:
     """A row with the latency percentiles as plain columns, for CSV and tables."""
-    out = {key: value for key, value in row.items() if key not in ("latency_ms", "gpu_compute_ms")}
-    for prefix, key in (("latency", "latency_ms"), ("gpu", "gpu_compute_ms")):
-        stats = row.get(key) or {}
+    out = {key: value for key, value in row.to_dict().items() if key not in ("latency_ms", "gpu_compute_ms")}
+    for prefix, stats in (("latency", row.latency_ms), ("gpu", row.gpu_compute_ms)):
         for name in ("mean", "p50", "p90", "p99"):
-            out[f"{prefix}_{name}_ms"] = stats.get(name)
+            out[f"{prefix}_{name}_ms"] = getattr(stats, name) if stats else None
     return out
 
 
@@ -71,10 +71,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def pareto_front(rows: list[dict[str, Any]]) -> list[int]:
+def pareto_front(rows: list[BenchRow]) -> list[int]:
     """Indices of ok rows that no other ok row beats on both latency (p50) and mIoU."""
     points = [
-        (i, row["latency_ms"]["p50"], row["miou"]) for i, row in enumerate(rows) if row["status"] == "ok"
+        (i, row.latency_ms.p50, row.miou)
+        for i, row in enumerate(rows)
+        if row.ok and row.latency_ms is not None and row.miou is not None
     ]
     return [
         i
@@ -95,15 +97,15 @@ def _title(header: dict[str, Any]) -> str:
     )
 
 
-def report_table(result: dict[str, Any]) -> Table:
+def report_table(result: BenchReport) -> Table:
     """The rich table of the rows, with the columns that have a value somewhere."""
-    rows = [flat(row) for row in result["rows"]]
+    rows = [flat(row) for row in result.rows]
     columns = [
         (key, title)
         for key, title in COLUMNS
         if key not in SCREEN_SKIP and any(row.get(key) is not None for row in rows)
     ]
-    table = Table(title=_title(result["header"]))
+    table = Table(title=_title(result.header))
     for key, title in columns:
         table.add_column(
             title,
@@ -115,21 +117,21 @@ def report_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def row_errors(result: dict[str, Any]) -> list[str]:
+def row_errors(result: BenchReport) -> list[str]:
     """One line per row that did not run, with why."""
-    return [f"{row['model']} {row['backend']}: {row['error']}" for row in result["rows"] if row.get("error")]
+    return [f"{row.model} {row.backend}: {row.error}" for row in result.rows if row.error]
 
 
-def to_csv(result: dict[str, Any]) -> str:
+def to_csv(result: BenchReport) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_KEYS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(flat(row) for row in result["rows"])
+    writer.writerows(flat(row) for row in result.rows)
     return buffer.getvalue()
 
 
-def to_markdown(result: dict[str, Any]) -> str:
-    header = result["header"]
+def to_markdown(result: BenchReport) -> str:
+    header = result.header
     lines = [
         f"# Benchmark: {header.get('run')}",
         "",
@@ -144,22 +146,32 @@ def to_markdown(result: dict[str, Any]) -> str:
         "| " + " | ".join(title for _, title in COLUMNS) + " |",
         "|" + "|".join("---" if key in TEXT_COLUMNS else "---:" for key, _ in COLUMNS) + "|",
     ]
-    for row in map(flat, result["rows"]):
+    for row in map(flat, result.rows):
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
-    errors = [row for row in result["rows"] if row.get("error")]
+    errors = [row for row in result.rows if row.error]
     if errors:
         lines += ["", "Errors:", ""]
-        lines += [f"- {r['model']} {r['backend']}: `{r['error']}`" for r in errors]
+        lines += [f"- {r.model} {r.backend}: `{r.error}`" for r in errors]
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
+def _p50(row: BenchRow) -> float:
+    assert row.latency_ms is not None  # plotted rows are ok rows
+    return row.latency_ms.p50
+
+
+def _miou(row: BenchRow) -> float:
+    assert row.miou is not None
+    return row.miou
+
+
+def plot(result: BenchReport, path: Path) -> Path:
     """report.png: the figure of `figure_of`, written atomically."""
     figure = figure_of(result)
     return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=figure.dpi))
 
 
-def figure_of(result: dict[str, Any]) -> Any:
+def figure_of(result: BenchReport) -> Any:
     """Latency p50 against mIoU, one labelled point per ok row, the Pareto front joined.
 
     Latency is in plain milliseconds on a log axis when the rows span more than 10x;
@@ -168,18 +180,18 @@ def figure_of(result: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    rows = result["rows"]
-    ok = [row for row in rows if row["status"] == "ok"]
-    front = sorted((rows[i] for i in pareto_front(rows)), key=lambda r: r["latency_ms"]["p50"])
+    rows = result.rows
+    ok = [row for row in rows if row.ok and row.latency_ms is not None and row.miou is not None]
+    front = sorted((rows[i] for i in pareto_front(rows)), key=lambda r: _p50(r))
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     axes = figure.subplots()
-    mious = [row["miou"] for row in ok]
+    mious = [_miou(row) for row in ok]
     near = 0.04 * (max(mious) - min(mious)) if len(mious) > 1 and max(mious) > min(mious) else 0.5
     clusters: list[tuple[float, float, list[str]]] = []  # points at (nearly) one place share a label
     for row in ok:
-        x, y = row["latency_ms"]["p50"], row["miou"]
+        x, y = _p50(row), _miou(row)
         axes.scatter(x, y, color="tab:blue", zorder=3)
-        label = f"{row['model']} {row['backend']}"
+        label = f"{row.model} {row.backend}"
         match = next((c for c in clusters if abs(x / c[0] - 1) < 0.08 and abs(y - c[1]) < near), None)
         if match:
             match[2].append(label)
@@ -198,23 +210,23 @@ def figure_of(result: dict[str, Any]) -> Any:
     ]
     if front:
         axes.plot(
-            [r["latency_ms"]["p50"] for r in front],
-            [r["miou"] for r in front],
+            [_p50(r) for r in front],
+            [_miou(r) for r in front],
             drawstyle="steps-post",
             color="tab:red",
             label="Pareto front",
             zorder=2,
         )
         axes.scatter(
-            [r["latency_ms"]["p50"] for r in front],
-            [r["miou"] for r in front],
+            [_p50(r) for r in front],
+            [_miou(r) for r in front],
             facecolors="none",
             edgecolors="tab:red",
             s=140,
             zorder=4,
         )
         axes.legend(loc="best", frameon=True, framealpha=0.9)
-    latencies = [row["latency_ms"]["p50"] for row in ok]
+    latencies = [_p50(row) for row in ok]
     if latencies and max(latencies) > 10 * min(latencies):
         axes.set_xscale("log")
         axes.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -225,7 +237,7 @@ def figure_of(result: dict[str, Any]) -> Any:
         axes.set_xlim(min(latencies) / 1.3, max(latencies) * 1.6)  # room for the labels
     axes.set_xlabel("latency p50 (ms, batch 1, host)")
     axes.set_ylabel("mIoU (%)")
-    axes.set_title(_title(result["header"]), fontsize=8)
+    axes.set_title(_title(result.header), fontsize=8)
     axes.grid(alpha=0.3)
     figure.set_dpi(120)
     keep_labels_apart(figure, annotations)
@@ -258,11 +270,11 @@ def keep_labels_apart(figure: Any, annotations: list[Any]) -> None:
         placed.append(note.get_window_extent())
 
 
-def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_report(result: BenchReport, out_dir: str | Path) -> dict[str, Path]:
     """report.json, report.csv, report.md and (with matplotlib) report.png in `out_dir`."""
     out_dir = Path(out_dir)
     written = {
-        "json": save_json(result, out_dir / "report.json"),
+        "json": save_json(result.to_dict(), out_dir / "report.json"),
         "csv": save_text(to_csv(result), out_dir / "report.csv"),
         "md": save_text(to_markdown(result), out_dir / "report.md"),
     }

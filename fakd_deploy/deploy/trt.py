@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from fakd_deploy.deploy import cuda
-from fakd_deploy.deploy.ort import as_prediction, run_fixed_batch
 from fakd_deploy.errors import BackendUnavailable, BuildError
+from fakd_deploy.predictor import as_prediction, run_fixed_batch
 from fakd_deploy.utils import atomic_write, file_sha256, save_json
 
 INSTALL_HINT = (

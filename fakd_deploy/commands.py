@@ -1,0 +1,94 @@
+"""What the `evaluate` and `build` commands do, as library functions.
+
+Each resolves its files and recipe once (`Artifact.open`, the stored or given recipe with
+`--set` applied), checks what can be checked before work starts, and calls the part that
+does the work. They sit above `deploy/`, `models/` and `evaluate`, which never import them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fakd_deploy.artifacts import Artifact, resolve_recipe
+from fakd_deploy.data.splits import ValBatches, calibration_images
+from fakd_deploy.deploy.backends import resolve_backend
+from fakd_deploy.deploy.build import build
+from fakd_deploy.deploy.runtime import open_predictor
+from fakd_deploy.errors import BadInput
+from fakd_deploy.evaluate import evaluate
+from fakd_deploy.recipe import EvalConfig
+from fakd_deploy.utils import save_json
+
+
+def check_classes(artifact: Artifact, data: ValBatches, dataset: str) -> None:
+    """A model scored on a dataset with another class count would give a meaningless mIoU."""
+    if artifact.num_classes is not None and artifact.num_classes != data.num_classes:
+        raise BadInput(
+            f"{artifact.path} predicts {artifact.num_classes} classes but the dataset '{dataset}' "
+            f"({data.split} split) has {data.num_classes}; score it on the data it was trained for"
+        )
+
+
+def check_json_target(path: Path | None) -> None:
+    if path is not None and (str(path) in ("", ".") or path.is_dir()):
+        raise BadInput(f"--json '{path}' is a folder; give a file name, e.g. --json eval.json")
+
+
+def evaluate_file(
+    model: Path,
+    recipe: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    split: str | None = None,
+    max_images: int | None = None,
+    backend: str | None = None,
+    threads: int | None = None,
+    json_out: Path | None = None,
+) -> dict[str, Any]:
+    """Score any model file on a split of its recipe's dataset (or `recipe`'s), `--set` applied.
+
+    The result names the dataset, its root and the split that were scored, so an override
+    that changed them is visible in the answer.
+    """
+    check_json_target(json_out)
+    artifact = Artifact.open(model)
+    cfg = resolve_recipe(artifact, recipe, overrides)
+    data = ValBatches(cfg.data, split, max_images=max_images)
+    check_classes(artifact, data, cfg.data.name)
+    predictor, _ = open_predictor(artifact, backend, cfg.device, threads)
+    mode = cfg.eval if artifact.kind == "checkpoint" else EvalConfig()
+    result = evaluate(
+        predictor,
+        data,
+        data.num_classes,
+        cfg.data.ignore_index,
+        mode,
+        description=f"evaluate {model.name}",
+        total=len(data),
+    )
+    result = {
+        "model": str(model),
+        "dataset": cfg.data.name,
+        "root": cfg.data.root,
+        "split": data.split,
+        **result,
+        "class_names": data.class_names,
+    }
+    if json_out is not None:
+        save_json(result, json_out)
+    return result
+
+
+def build_file(
+    onnx_path: Path, backend: str, recipe: Path | None = None, overrides: list[str] | None = None
+) -> Path:
+    """The `build` command: calibration images (INT8 only) come from the model's stored recipe,
+    or `recipe`, with `--set` overrides; FP32 and FP16 builds need no recipe at all."""
+    spec = resolve_backend(backend)
+    artifact = Artifact.open(onnx_path)
+    if spec.precision != "int8":
+        if recipe is not None or overrides:
+            raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
+        return build(artifact, spec)
+    cfg = resolve_recipe(artifact, recipe, overrides or [])
+    return build(artifact, spec, calibration_images(cfg.data, cfg.deploy.calib), cfg.deploy.calib_method)
