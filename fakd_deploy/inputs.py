@@ -21,6 +21,7 @@ from fakd_deploy.errors import BadInput
 MAX_YAML_BYTES = 1_000_000  # a recipe or class list; the shipped recipes are about 2 KB
 MAX_YAML_NODES = 100_000  # scalars, lists and mappings after aliases are expanded
 MAX_YAML_DEPTH = 64  # lists and mappings inside one another
+MAX_METADATA_BYTES = MAX_YAML_BYTES  # one metadata value of an ONNX model or an engine's sidecar
 MAX_LIST_BYTES = 64_000_000  # a split list (`image label` per line); ADE20K's is 1 MB
 MAX_CLASSES = 1024  # classes of a model or dataset: ADE20K has 150, COCO-Stuff 171
 MAX_CHANNELS = 2048  # the width of a model's head: 2048^2 x 9 weights per 3x3 conv

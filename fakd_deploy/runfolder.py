@@ -94,7 +94,9 @@ class RunFolder:
     def remove(self, path: Path) -> None:
         """Delete a file or folder of the run; never anything outside it, nor through a link
         (a link itself is removed, not what it points to)."""
-        if not path.resolve().is_relative_to(self.root.resolve()) or path.resolve() == self.root.resolve():
+        # A link at the end is the link itself, removed wherever it points.
+        where = path.parent.resolve() / path.name if path.is_symlink() else path.resolve()
+        if not where.is_relative_to(self.root.resolve()) or where == self.root.resolve():
             raise BadInput(f"refusing to delete {path}: it is not inside the run folder {self.root}")
         no_links(path.parent)
         if path.is_dir() and not path.is_symlink():
@@ -256,9 +258,16 @@ def open_lock(path: Path) -> int:
                 "(remove the link; nothing is written through it)"
             ) from None
         raise BadInput(f"cannot open the run folder's lock {path}: {error.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise BadInput(f"{path} is not a regular file; remove it so the run folder can be locked")
+    if info.st_nlink > 1:  # a hard link: truncating it would truncate a file elsewhere
+        os.close(fd)
+        raise BadInput(
+            f"{path} has {info.st_nlink} names (a hard link to another file); a run folder's lock "
+            "must be its own file (remove it; nothing is written to it)"
+        )
     return fd
 
 

@@ -1112,3 +1112,164 @@ def test_recording_versions_imports_no_runtime() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == "False" and out[1] != "not installed"  # installed here, found without importing it
+
+
+# --- Issue cases on the deploy side, and variants tried against the fixes -----------------
+
+
+def damaged_folder_dataset(root: Path, classes: int = 6) -> None:
+    """A folder dataset of two images, the second one truncated."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text(json.dumps([f"c{i}" for i in range(classes)]))
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{name}.png")
+        mask = rng.integers(0, classes, (32, 32), dtype=np.uint8)
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    damaged = root / "images" / "b.png"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
+
+def test_bench_on_data_it_cannot_read_is_exit_2_and_keeps_the_report(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """Before: exit 0, every row "loads, fails to run", the good report overwritten. The data
+    is at fault, not the model: one line naming the image, before anything is timed."""
+    damaged_folder_dataset(tmp_path / "data")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("the previous report")
+    result = cli(
+        "bench", artifacts["onnx"], "--out", report, "--backends", "ort-cpu-fp32",
+        "--set", "data.name=folder", "--set", "data.options={}", "--set", f"data.root={tmp_path / 'data'}",
+        "--seconds", "0.1",
+    )  # fmt: skip
+    refused(result, 2, "b.png")
+    assert sorted(p.name for p in report.iterdir()) == ["report.md"]
+    assert (report / "report.md").read_text() == "the previous report"
+
+
+def test_a_lock_that_is_a_hard_link_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A variant of the linked lock: a hard link is a regular file that O_NOFOLLOW opens, and
+    truncating it would truncate the user's file under its other name."""
+    victim = tmp_path / "thesis.tex"
+    victim.write_text("three years of work")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    os.link(victim, run / ".lock")
+    with pytest.raises(BadInput, match=r"\.lock has 2 names"):
+        RunLock(RunFolder(run)).__enter__()
+    assert victim.read_text() == "three years of work"
+
+
+@pytest.mark.parametrize("name", ["teacher.next", "teacher.previous"])
+def test_a_link_where_a_redo_keeps_its_work_is_removed_not_followed(tmp_path: Path, name: str) -> None:
+    """`teacher.next` or `teacher.previous` planted as a link to a user's folder: the link is
+    removed, what it points to is kept (before: refused as outside the run folder)."""
+    from fakd_deploy.recipe import load_recipe
+    from fakd_deploy.session import Session
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    stage = run.root / "teacher"
+    recipe = load_recipe(Path(__file__).parent / "recipes" / "tiny.yaml")
+
+    def work(content: str):
+        def write(attempt):
+            attempt.folder.mkdir(parents=True, exist_ok=True)
+            (attempt.folder / "out").write_text(content)
+            return [attempt.folder / "out"], {}
+
+        return write
+
+    session = Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run))
+    session.stage("teacher", {"v": 1}, work("one"), folder=stage)
+    (run.root / name).symlink_to(outside)
+    session = Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run))
+    session.stage("teacher", {"v": 2}, work("two"), folder=stage)
+    assert (stage / "out").read_text() == "two"
+    assert (run.root / "teacher.previous" / "out").read_text() == "one"
+    assert not (run.root / "teacher.previous").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert (outside / "keep.txt").read_text() == "mine"
+
+
+def test_a_stored_recipe_and_metadata_are_bounded(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    """The YAML bounds hold for a recipe carried in an ONNX model's metadata, and each
+    metadata value is bounded before it is decoded."""
+    from fakd_deploy.deploy.onnx_meta import load_onnx, write_metadata
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(12)
+    )
+    for value, message in ((bomb, "expands to more than"), ("x" * 2_000_001, "the limit is")):
+        model = load_onnx(artifacts["onnx"])
+        write_metadata(model, {"recipe": value})
+        path = tmp_path / "m.onnx"
+        path.write_bytes(model.SerializeToString())
+        refused(cli("evaluate", path), 2, "m.onnx", message)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"just text"'])
+def test_an_engine_sidecar_that_is_not_a_json_object_is_one_line(tmp_path: Path, text: str) -> None:
+    from fakd_deploy.deploy.trt import sidecar_path
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    sidecar_path(engine).write_text(text)
+    refused(cli("evaluate", engine), 2, sidecar_path(engine).name)
+
+
+@pytest.mark.parametrize(
+    "variant", ["manifest is a folder", "manifest is a FIFO", "file where a stage folder goes"]
+)
+def test_a_run_folder_of_the_wrong_kinds_of_file(tmp_path: Path, tiny_recipe: Path, variant: str) -> None:
+    """Variants: special files where the run folder's own files or folders go are named,
+    never read (a FIFO would hang) and never followed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if variant == "manifest is a folder":
+        (run / "manifest.json").mkdir()
+        refused(cli("train", tiny_recipe, "--out", run), 2, "manifest.json", "directory")
+    elif variant == "manifest is a FIFO":
+        os.mkfifo(run / "manifest.json")
+        refused(cli("train", tiny_recipe, "--out", run), 2, "manifest.json", "not a regular file")
+    else:
+        (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+        (run / "teacher").write_text("a file the user put here")
+        (run / "students").symlink_to(tmp_path)
+        refused(cli("run", tiny_recipe, "--out", run), 2, "students/baseline_s0", "outside the run folder")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, "\x00\xff\xfe garbage", "data: {name: synthetic}\n" * 60_000],
+)
+def test_garbage_recipes_are_one_line(tmp_path: Path, text: str) -> None:
+    """Variants of the bounded recipe: nesting deep enough to exhaust the parser's stack,
+    bytes that are not text, a file just over the size bound."""
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    result = cli("train", path, "--out", tmp_path / "run")
+    refused(result, 2, "recipe.yaml")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_another_class_count_and_a_json_folder(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """Before: exit 0 with a meaningless mIoU; `--json DIR` and `--json ""` exit 1 "Device or
+    resource busy"."""
+    wrong = ["--set", "data.options.num_classes=11"]
+    refused(cli("evaluate", artifacts["onnx"], *wrong), 2, "classes", "has 11")
+    for target in (tmp_path, ""):
+        refused(cli("evaluate", artifacts["onnx"], "--json", target), 2, "--json", "folder")

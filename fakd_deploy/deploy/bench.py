@@ -28,7 +28,7 @@ from fakd_deploy.data.splits import ValBatches
 from fakd_deploy.deploy.measure import PeakMemory, measure_gpu_compute, measure_latency
 from fakd_deploy.deploy.rows import BenchReport, BenchRow, Latency, Status
 from fakd_deploy.deploy.runtime import open_predictor
-from fakd_deploy.errors import BadInput, FakdError, error_summary
+from fakd_deploy.errors import BadInput, DatasetError, FakdError, error_summary
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.predictor import FixedSizePredictor
 from fakd_deploy.recipe import BenchConfig, Recipe
@@ -146,6 +146,8 @@ def bench_one(
                 total=len(data),
                 description=f"{candidate.model} {candidate.backend}",
             )
+        except DatasetError:
+            raise  # the data's fault, not the model's: no row, no report (the previous one stays)
         except Exception as error:  # a runtime's own exception types; the row says which
             row.status, row.error = Status.RUN_FAILED, error_summary(error)
             return row

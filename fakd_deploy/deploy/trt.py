@@ -35,9 +35,12 @@ from typing import Any
 import numpy as np
 
 from fakd_deploy.deploy import cuda
-from fakd_deploy.errors import BackendUnavailable, BuildError
+from fakd_deploy.errors import ArtifactError, BackendUnavailable, BuildError
+from fakd_deploy.inputs import MAX_YAML_BYTES, read_text
 from fakd_deploy.predictor import as_prediction, run_fixed_batch
 from fakd_deploy.utils import atomic_write, file_sha256, save_json
+
+MAX_SIDECAR_BYTES = 4 * MAX_YAML_BYTES  # metadata (a recipe among it) and build facts
 
 INSTALL_HINT = (
     "TensorRT is not installed: pip install 'fakd-deploy[gpu]' on a machine with an "
@@ -272,7 +275,15 @@ def load_sidecar(engine: str | Path) -> dict[str, Any]:
             f"{engine} has no sidecar {path.name}, so where it was built is "
             "unknown; rebuild it with `fakd-deploy build`"
         )
-    return json.loads(path.read_text())
+    text = read_text(path, "engine sidecar", MAX_SIDECAR_BYTES, ArtifactError)
+    try:
+        sidecar = json.loads(text)
+    except ValueError as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
+    if not isinstance(sidecar, dict):
+        kind = type(sidecar).__name__
+        raise ArtifactError(f"{path} must hold a JSON object, not a {kind}; rebuild the engine")
+    return sidecar
 
 
 class TrtPredictor:
