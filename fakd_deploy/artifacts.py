@@ -14,12 +14,13 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.errors import ArtifactError, BadInput
 from fakd_deploy.inputs import load_yaml
-from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD, Recipe, load_recipe, parse_recipe
+from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD, InputMode, Recipe, load_recipe, parse_recipe
+from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import file_sha256
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -27,6 +28,8 @@ SUFFIXES = (*CHECKPOINT_SUFFIXES, ".onnx", ".engine")
 MIN_OPSET = 13  # the oldest opset the quantizer, the FP16 conversion and TensorRT 10 all read
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")  # ONNX itself and ONNX Runtime's contrib ops
 MAX_CLASSES = 1024
+INPUT_MODES: tuple[str, ...] = get_args(InputMode)
+ONNX_FLOAT, ONNX_UINT8 = 1, 2  # onnx.TensorProto.FLOAT and UINT8, without importing onnx here
 
 
 def kind_of(path: Path) -> str:
@@ -79,7 +82,7 @@ class Artifact:
         if path.is_dir():
             raise ArtifactError(f"{path} is a directory, not a model file")
         if not path.exists():
-            raise ArtifactError(f"model not found: {path}")
+            raise ArtifactError(f"model not found: {path}{path_hint(path)}")
         if kind == "checkpoint":
             return _open_checkpoint(path)
         if kind == "onnx":
@@ -148,9 +151,17 @@ def onnx_precision(model: Any) -> str:
     return "fp32"
 
 
-def check_graph(path: Path, model: Any) -> None:
+def input_mode(path: Path, metadata: dict[str, Any]) -> str:
+    """The metadata's `input` (float when absent, as every model exported before it)."""
+    mode = metadata.get("input", "float")
+    if mode not in INPUT_MODES:
+        raise ArtifactError(f"{path}: metadata 'input' must be one of {', '.join(INPUT_MODES)}, got {mode!r}")
+    return str(mode)
+
+
+def check_graph(path: Path, model: Any, metadata: dict[str, Any] | None = None) -> None:
     """What every runtime here can read: a known opset, known operator domains, weights
-    stored in the model's own folder, one image input."""
+    stored in the model's own folder, one image input of the kind its metadata declares."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise ArtifactError(
@@ -180,19 +191,42 @@ def check_graph(path: Path, model: Any) -> None:
         raise ArtifactError(
             f"{path} has {len(inputs)} inputs; a segmentation model here takes one image batch"
         )
-    dims = inputs[0].type.tensor_type.shape.dim
+    check_input(path, inputs[0], input_mode(path, metadata or {}))
+
+
+def check_input(path: Path, value: Any, mode: str) -> None:
+    """The graph input agrees with the input mode its metadata declares, or one line saying how not."""
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    uint8 = mode == "uint8"
+    expected = "uint8 (N, H, W, 3)" if uint8 else "float32 (N, 3, H, W)"
+    channels = dims[3] if uint8 and len(dims) == 4 else dims[1] if len(dims) == 4 else None
+    problem = None
     if len(dims) != 4:
+        problem = f"has rank {len(dims)}"
+    elif tensor.elem_type != (ONNX_UINT8 if uint8 else ONNX_FLOAT):
+        problem = f"has element type {_type_name(tensor.elem_type)}"
+    elif channels not in (None, 3):
+        problem = f"has {channels} channels where the layout puts them"
+    if problem:
         raise ArtifactError(
-            f"{path}: input '{inputs[0].name}' has rank {len(dims)}; expected an image batch (N, 3, H, W)"
+            f"{path}: input '{value.name}' {problem}, but metadata 'input' is {mode!r}, "
+            f"which means {expected} images"
         )
+
+
+def _type_name(elem_type: int) -> str:
+    from onnx import TensorProto
+
+    return str(TensorProto.DataType.Name(elem_type)).lower()
 
 
 def _open_onnx(path: Path) -> Artifact:
     from fakd_deploy.deploy.onnx_meta import load_onnx, model_metadata
 
     model = load_onnx(path, load_external_data=False)
-    check_graph(path, model)
     metadata = model_metadata(model, path)
+    check_graph(path, model, metadata)
     return Artifact(
         path, "onnx", metadata, onnx_precision(model), _stored_recipe(path, metadata), graph=model
     )
@@ -247,12 +281,17 @@ def _numbers(path: Path, key: str, value: Any, count: int, positive: bool = Fals
 
 @dataclass
 class ModelInfo:
-    """How to feed a model: normalisation, fixed input size (if any) and its classes."""
+    """How to feed a model: normalisation, input mode, fixed input size (if any), its classes.
+
+    `input` is what the model itself takes (`deploy.inputs`); the Predictor `open_predictor`
+    returns always takes normalised images, whatever `input` is.
+    """
 
     normalise: Normalise
     input_size: tuple[int, int] | None = None
     num_classes: int | None = None
     class_names: list[str] | None = None
+    input: str = "float"
 
     @classmethod
     def from_metadata(
@@ -275,4 +314,12 @@ class ModelInfo:
         names = meta.get("class_names")
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ArtifactError(f"{path}: metadata 'class_names' must be a list of names, got {names!r}")
-        return cls(Normalise(mean, std, scale), input_size, num_classes, names)
+        mode = input_mode(path, meta)
+        declared = meta.get("input_size")
+        if declared is not None and (mode != "float" or input_size is None):
+            # the runtime reads (H, W) from an NCHW input; a uint8 model is NHWC
+            height, width = _numbers(path, "input_size", declared, 2, positive=True)
+            input_size = (int(height), int(width))
+        if mode != "float" and input_size is None:
+            raise ArtifactError(f"{path}: a model with metadata 'input' {mode!r} needs 'input_size'")
+        return cls(Normalise(mean, std, scale), input_size, num_classes, names, mode)

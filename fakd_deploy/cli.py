@@ -14,50 +14,106 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from fakd_deploy import __version__
 from fakd_deploy.errors import BadInput, FakdError, Interrupted, printable
 from fakd_deploy.progress import console, setup_logging
 from fakd_deploy.signals import Stopped, interrupt_on_signals
 
+if TYPE_CHECKING:
+    from fakd_deploy.deploy.rows import BenchReport
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """On/off flags show no `<bool>` type in the help: the flag's name says it all."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
+
+
+def check_set_options(args: list[str]) -> None:
+    """`--set key value` (a space instead of `=`) is refused with the spelling that works,
+    before click reports a bare "unexpected extra argument"."""
+    for index, arg in enumerate(args):
+        if arg not in ("--set", "-s"):
+            continue
+        value = args[index + 1] if index + 1 < len(args) else ""
+        if "=" not in value:
+            following = args[index + 2] if index + 2 < len(args) else ""
+            example = (
+                f"--set {value}={following}"
+                if value and following and not following.startswith("-")
+                else "--set student.train.steps=100"
+            )
+            raise typer.BadParameter(f"write key=value as one word, e.g. {example}", param_hint=f"'{arg}'")
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        check_set_options(args)
+        return super().parse_args(ctx, args)
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=Group,
     help="Distil a segmentation teacher into a small student with FAKD, then export, build and benchmark it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+data_app = typer.Typer(cls=Group, help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # Tables and paths go to stdout; into a file or pipe they keep a readable width.
 results = Console(width=None if sys.stdout.isatty() else 160)
 DEBUG = {"on": False}
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<recipe name>).")]
+RecipeArg = Annotated[
+    Path, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/quickstart.yaml.")
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", metavar="DIR", help="Run folder (default: runs/<recipe name>).")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", "-s", help="Override a recipe key, typed by the schema: --set student.train.steps=100"
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a recipe key, typed by the schema: --set student.train.steps=100 (repeatable).",
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages even when up to date.")]
-ModelArg = Annotated[Path, typer.Argument(help="A checkpoint (.pt), ONNX model (.onnx) or engine (.engine).")]
+ModelArg = Annotated[
+    Path, typer.Argument(metavar="MODEL", help="A checkpoint (.pt), ONNX model (.onnx) or engine (.engine).")
+]
 ModelRecipeOpt = Annotated[
-    Path | None, typer.Option(help="Recipe for the data (default: the one stored in the model).")
+    Path | None,
+    typer.Option(metavar="FILE", help="Recipe for the data (default: the one stored in the model)."),
 ]
 BackendOpt = Annotated[
     str | None,
     typer.Option(
+        metavar="NAME",
         help="Runtime for an ONNX model, e.g. ort-cpu-fp32, ort-cuda-fp32, ort-trt-fp16 (default: ONNX "
-        "Runtime on the CPU)."
+        "Runtime on the CPU).",
     ),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="CPU threads.")]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="CPU threads.")]
 
 
 def say(message: str, style: str = "") -> None:
@@ -114,14 +170,13 @@ def main(
     setup_logging(debug)
 
 
-@app.command()
+@app.command(cls=Command)
 def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Run every stage of a recipe; finished stages are skipped, interrupted ones resume.
 
     Example: [bold]fakd-deploy run recipes/quickstart.yaml --out runs/quick[/bold]
     """
     with reported():
-        from fakd_deploy.deploy.report import report_table, row_errors
         from fakd_deploy.pipeline import run as run_pipeline
         from fakd_deploy.tables import variant_table
 
@@ -129,16 +184,31 @@ def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: Force
         if result.evaluation:
             results.print(variant_table(result.evaluation))
         if result.bench:
-            results.print(report_table(result.bench))
-            for line in row_errors(result.bench):
-                say(line, "red")
+            show_bench(result.bench)
         say(f"done: {result.folder}", "green")
 
 
-RoleOpt = Annotated[str, typer.Option(help="teacher, or baseline (the student without distillation).")]
+def show_bench(result: BenchReport) -> None:
+    """The benchmark table and per-class changes on stdout; the pick, warnings and failed
+    rows on stderr, where a person looks for what went wrong."""
+    from fakd_deploy.deploy.report import class_delta_table, report_table, row_errors, summary_lines
+
+    results.print(report_table(result))
+    deltas = class_delta_table(result)
+    if deltas is not None:
+        results.print(deltas)
+    for line in summary_lines(result):
+        say(line, "yellow" if line.startswith("warning") else "green")
+    for line in row_errors(result):
+        say(line, "red")
 
 
-@app.command()
+RoleOpt = Annotated[
+    str, typer.Option(metavar="ROLE", help="teacher, or baseline (the student without distillation).")
+]
+
+
+@app.command(cls=Command)
 def train(
     recipe: RecipeArg,
     role: RoleOpt = "teacher",
@@ -156,17 +226,20 @@ def train(
         results.print(f"checkpoint: {train_role(recipe, role, out, set_, force)}")
 
 
-@app.command()
+@app.command(cls=Command)
 def distill(
     recipe: RecipeArg,
     variant: Annotated[
         list[str] | None,
-        typer.Option(help="Variant(s) of student.variants to train (default: all with terms)."),
+        typer.Option(
+            metavar="NAME", help="Variant(s) of student.variants to train (default: all with terms)."
+        ),
     ] = None,
     teacher: Annotated[
         Path | None,
         typer.Option(
-            help="Teacher checkpoint (default: teacher.checkpoint, else the run's teacher/best.pt)."
+            metavar="FILE",
+            help="Teacher checkpoint (default: teacher.checkpoint, else the run's teacher/best.pt).",
         ),
     ] = None,
     out: OutOpt = None,
@@ -184,11 +257,13 @@ def distill(
             results.print(f"checkpoint: {path}")
 
 
-@app.command()
+@app.command(cls=Command)
 def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Teacher once, then every variant x seed x (lam0, bound) point of the recipe's `study`
-    section; paired statistics against the baseline and KD, last and best checkpoints,
-    held-out test scores: study.{json,csv,md,png}.
+    """Sweep a recipe's study section over seeds and FAKD settings, with paired statistics.
+
+    The teacher is trained once, then every variant x seed x (lam0, bound) point of the
+    recipe's `study` section; paired statistics against the baseline and KD, last and best
+    checkpoints, held-out test scores: study.{json,csv,md,png}.
 
     Example: [bold]fakd-deploy study recipes/camvid_study.yaml --out runs/study[/bold]
     """
@@ -201,51 +276,95 @@ def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: For
         say(f"done: {result['folder']}", "green")
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=Command)
 def evaluate_cmd(
     model: ModelArg,
     recipe: ModelRecipeOpt = None,
     set_: SetOpt = None,
-    split: Annotated[str | None, typer.Option(help="Split to score (default: data.val_split).")] = None,
-    max_images: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
+    split: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Split to score (default: data.val_split).")
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Score only the first N images.")
+    ] = None,
     backend: BackendOpt = None,
     threads: ThreadsOpt = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result here.")] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            metavar="FILE",
+            help="Also write the result (mIoU, per-class IoU, confusion matrix) here, and the "
+            "normalised confusion matrix as FILE's name with .confusion.png.",
+        ),
+    ] = None,
 ) -> None:
-    """mIoU, per-class IoU and pixel accuracy of any model on its recipe's val split.
+    """mIoU, per-class IoU and the confusion matrix of any model on its recipe's val split.
 
-    Example: [bold]fakd-deploy evaluate runs/quickstart/deploy/fakd_kd.int8.onnx[/bold]
+    Example: [bold]fakd-deploy evaluate runs/quickstart/deploy/fakd_kd.int8.onnx --json eval.json[/bold]
     """
     with reported():
-        from fakd_deploy.commands import evaluate_file
+        from fakd_deploy.commands import evaluate_file, most_confused
         from fakd_deploy.tables import evaluation_headline, evaluation_table
 
         result = evaluate_file(model, recipe, set_ or [], split, max_images, backend, threads, json_out)
         results.print(evaluation_headline(result), soft_wrap=True)
         results.print(evaluation_table(result, result.get("class_names")))
+        for line in most_confused(result):
+            results.print(line, soft_wrap=True)
+        for path in result.get("written", []):
+            say(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=Command)
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Student checkpoint (.pt).")],
-    out: Annotated[Path | None, typer.Option(help="ONNX file (default: beside the checkpoint).")] = None,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Student checkpoint (.pt).")],
+    out: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="ONNX file (default: beside the checkpoint).")
+    ] = None,
     set_: SetOpt = None,
-    height: Annotated[int | None, typer.Option(min=1, help="Input height (deploy.export.height).")] = None,
-    width: Annotated[int | None, typer.Option(min=1, help="Input width (deploy.export.width).")] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help="Batch size in the graph.")] = None,
+    height: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Input height (deploy.export.height).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Input width (deploy.export.width).")
+    ] = None,
+    batch: Annotated[int | None, typer.Option(min=1, metavar="N", help="Batch size in the graph.")] = None,
     dynamic: Annotated[bool | None, typer.Option(help="Dynamic batch dimension.")] = None,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (13-23).")] = None,
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (13-23).")] = None,
     argmax: Annotated[bool | None, typer.Option(help="Output labels instead of logits.")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="Max abs logit difference allowed.")] = None,
+    input_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            metavar="MODE",
+            help="What the model takes: float (normalised), pixels (0-255, normalised inside) or "
+            "uint8 (N, H, W, 3) (deploy.export.input).",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(metavar="TYPE", help="Label type of an --argmax model: int32 or uint8.")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(metavar="X", help="Max abs logit difference allowed.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Also write the report here.")
+    ] = None,
 ) -> None:
-    """Export a student to ONNX (upsampling inside) with its recipe's deploy.export settings,
-    check it, and verify parity on val images. Options override those settings.
+    """Export a student to ONNX and check it against PyTorch on validation images.
+
+    The graph holds the upsampling to the input size; the recipe's deploy.export settings
+    apply, and each option overrides one of them.
 
     Example: [bold]fakd-deploy export runs/quickstart/students/fakd_kd_s0/best.pt --out s.onnx[/bold]
     """
     with reported():
-        from fakd_deploy.deploy.export import export_checkpoint
+        from fakd_deploy.commands import check_json_target
+        from fakd_deploy.deploy.export import export_checkpoint, export_summary
+        from fakd_deploy.utils import save_json
 
+        check_json_target(json_out)
         options = {
             "height": height,
             "width": width,
@@ -253,6 +372,8 @@ def export(
             "dynamic": dynamic,
             "opset": opset,
             "argmax": argmax,
+            "input": input_mode,
+            "labels": labels,
             "tolerance": tolerance,
         }
         overrides = [
@@ -264,26 +385,35 @@ def export(
             ),
         ]
         report = export_checkpoint(checkpoint, out, overrides)
-        results.print(json.dumps(report, indent=2))
+        for line in export_summary(report):
+            results.print(line, soft_wrap=True, highlight=False, markup=False)
+        if json_out is not None:
+            save_json(report, json_out)
 
 
-@app.command()
+@app.command(cls=Command)
 def build(
-    onnx: Annotated[Path, typer.Argument(help="FP32 ONNX model from `export`.")],
+    onnx: Annotated[Path, typer.Argument(metavar="ONNX", help="FP32 ONNX model from `export`.")],
     backend: Annotated[
         str,
         typer.Option(
+            metavar="NAME",
             help="ort-cpu-fp32 | ort-cpu-int8 | ort-cuda-fp32 | ort-cuda-fp16 | ort-trt-fp16 | "
-            "ort-trt-int8 | "
-            "trt-fp32 | trt-fp16 | trt-int8 (ort-fp32, ort-int8: the CPU ones)"
+            "ort-trt-int8 | trt-fp32 | trt-fp16 | trt-int8 (ort-fp32, ort-int8: the CPU ones).",
         ),
     ] = "ort-cpu-int8",
-    calib: Annotated[int | None, typer.Option(min=1, help="INT8 calibration images (deploy.calib).")] = None,
+    calib: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="INT8 calibration images (deploy.calib).")
+    ] = None,
     calib_method: Annotated[
-        str | None, typer.Option(help="minmax | entropy | percentile (deploy.calib_method)")
+        str | None,
+        typer.Option(metavar="NAME", help="minmax | entropy | percentile (deploy.calib_method)."),
     ] = None,
     recipe: Annotated[
-        Path | None, typer.Option(help="Recipe for calibration data (default: the one stored in the model).")
+        Path | None,
+        typer.Option(
+            metavar="FILE", help="Recipe for calibration data (default: the one stored in the model)."
+        ),
     ] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -302,39 +432,87 @@ def build(
         results.print(f"built: {build_file(onnx, backend, recipe, overrides)}")
 
 
-@app.command("bench")
+@app.command("bench", cls=Command)
 def bench_cmd(
-    paths: Annotated[list[Path], typer.Argument(help="A run folder written by `run`, or model files.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN_OR_MODELS", help="A run folder written by `run`, or model files."),
+    ],
     backends: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="NAMES",
             help="Only these rows: pytorch and backend names, e.g. pytorch,ort-cpu-int8,trt-fp16 "
-            "(repeat the option or separate with commas)."
+            "(repeat the option or separate with commas). Each model keeps its reference row.",
         ),
     ] = None,
     recipe: ModelRecipeOpt = None,
     set_: SetOpt = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for report.{json,csv,md,png} (default: the run folder, else ./bench)."),
+        typer.Option(
+            metavar="DIR", help="Folder for the report files (default: the run folder, else ./bench)."
+        ),
     ] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help="Batch size for throughput.")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, metavar="N", help="Batch size for throughput.")] = None,
     threads: ThreadsOpt = None,
-    iters: Annotated[int | None, typer.Option(min=1, help="Timed iterations (default: --seconds).")] = None,
-    seconds: Annotated[float | None, typer.Option(min=0.0, help="Seconds of timing per row.")] = None,
-    warmup: Annotated[float | None, typer.Option(min=0.0, help="Seconds of warm-up before timing.")] = None,
-    tolerance: Annotated[
-        float | None, typer.Option(min=0.0, help="Allowed mIoU drop vs the reference.")
+    iters: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Timed calls per row (default: --seconds).")
     ] = None,
-    max_images: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
+    seconds: Annotated[
+        float | None,
+        typer.Option(min=0.0, metavar="S", help="Seconds of timing per row, all rounds together."),
+    ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            min=1, metavar="N", help="Interleaved timing rounds: every row once per round (bench.rounds)."
+        ),
+    ] = None,
+    max_spread: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, metavar="PCT", help="Flag rows whose median moves more than this between rounds."
+        ),
+    ] = None,
+    warmup: Annotated[
+        float | None, typer.Option(min=0.0, metavar="S", help="Seconds of warm-up before timing.")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(min=0.0, metavar="MIOU", help="Allowed mIoU change against the reference.")
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Score only the first N images.")
+    ] = None,
+    pick: Annotated[
+        bool | None,
+        typer.Option(
+            "--pick",
+            help="Choose the fastest ONNX model or engine within --tolerance per device: "
+            "deploy/choice.json (bench.pick).",
+        ),
+    ] = None,
+    compare: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="Draw N validation images per backend, pixels that differ from the reference "
+            "highlighted: report.compare.png (bench.compare).",
+        ),
+    ] = None,
 ) -> None:
-    """Latency and mIoU of every model and engine of a run, in one table (+ JSON, CSV, MD, PNG).
+    """Latency and mIoU of every model and engine of a run, in one table and report.html.
 
-    Example: [bold]fakd-deploy bench runs/quickstart --threads 2[/bold]
+    Rows are timed in interleaved rounds; unstable timings, INT8 rows no faster than FP32
+    and ties inside the noise are flagged. Files: report.json, .csv, .md, .html, .png,
+    report.confusion.png, report.compare.png (--compare), deploy/choice.json (--pick).
+
+    Example: [bold]fakd-deploy bench runs/quickstart --pick --compare 4[/bold]
     """
     with reported():
         from fakd_deploy.deploy.bench import bench
-        from fakd_deploy.deploy.report import report_table, row_errors
+        from fakd_deploy.progress import files_lines
 
         result, written = bench(
             paths,
@@ -346,32 +524,79 @@ def bench_cmd(
             threads=threads,
             iters=iters,
             seconds=seconds,
+            rounds=rounds,
+            max_spread=max_spread,
             warmup_s=warmup,
             tolerance=tolerance,
             max_images=max_images,
+            pick=pick,
+            compare=compare,
         )
-        results.print(report_table(result))
-        for line in row_errors(result):
-            say(line, "red")
-        say(f"report: {', '.join(str(p) for p in written.values())}")
+        show_bench(result)
+        root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
+        for line in files_lines(list(written.values()), root):
+            say(line)
 
 
-@app.command()
+@app.command(cls=Command)
+def package(
+    run_folder: Annotated[Path, typer.Argument(help="A run folder written by `run`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Bundle folder (default: RUN/bundle); replaced if it is a bundle.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Ship this .onnx or .engine instead of the run's deploy/choice.json."),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="With --model: the backend it is shipped for (default: its natural one)."),
+    ] = None,
+) -> None:
+    """A folder a Jetson or a Triton server runs as is: the chosen model, labels, palette,
+    preprocessing, infer.py, a Triton model folder and a DeepStream nvinfer configuration.
+
+    Example: [bold]fakd-deploy package runs/quickstart --out bundle[/bold]
+    """
+    with reported():
+        from fakd_deploy.deploy.package import package as write_bundle
+
+        result = write_bundle(run_folder, out, model, backend)
+        results.print(f"bundle: {result['out']} ({result['model']}, {result['backend']})", markup=False)
+        for path in result["files"]:
+            results.print(f"  {path}", markup=False, highlight=False)
+
+
+@app.command(cls=Command)
 def predict(
     model: ModelArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    out: Annotated[Path, typer.Option(help="Folder for label PNGs and overlays.")] = Path("predictions"),
+    images: Annotated[
+        list[Path], typer.Argument(metavar="IMAGES", help="Image files, or folders of images.")
+    ],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder for label PNGs and overlays.")] = Path(
+        "predictions"
+    ),
     backend: BackendOpt = None,
     threads: ThreadsOpt = None,
+    overlay: Annotated[
+        bool,
+        typer.Option(
+            "--overlay/--no-overlay",
+            help="Also write the mask blended over the image, with a legend of the classes present.",
+        ),
+    ] = True,
 ) -> None:
     """Label PNGs and colour overlays from any backend, to see what the engine sees.
 
-    Example: [bold]fakd-deploy predict runs/quickstart/deploy/fakd_kd.int8.onnx img.png --out pred[/bold]
+    Outputs are named <image>.<model>.<backend>.labels.png and .overlay.png, in the colours
+    of the model's dataset; nothing is ever written over an input.
+
+    Example: [bold]fakd-deploy predict runs/quickstart/deploy/fakd_kd.int8.onnx images/ --out pred[/bold]
     """
     with reported():
         from fakd_deploy.deploy.predict import predict as run_predict
 
-        for path in run_predict(model, images, out, backend, threads=threads):
+        for path in run_predict(model, images, out, backend, threads=threads, overlay=overlay):
             results.print(str(path))
 
 
@@ -382,9 +607,9 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-@app.command()
+@app.command(cls=Command)
 def models(
-    size: Annotated[str, typer.Option(help="Input size HxW for GFLOPs.")] = "512x1024",
+    size: Annotated[str, typer.Option(metavar="HxW", help="Input size for GFLOPs.")] = "512x1024",
 ) -> None:
     """List the model zoo with parameters and GFLOPs.
 
@@ -396,11 +621,17 @@ def models(
         results.print(models_table(list_models(input_size=parse_size(size))))
 
 
-@data_app.command("check")
+@data_app.command("check", cls=Command)
 def data_check(
-    name: Annotated[str, typer.Argument(help="camvid | cityscapes | ade20k | voc | folder | synthetic")],
-    root: Annotated[Path | None, typer.Argument(help="Dataset root folder (none for synthetic).")] = None,
-    max_images: Annotated[int | None, typer.Option(min=1, help="Scan only N images per split.")] = None,
+    name: Annotated[
+        str, typer.Argument(metavar="DATASET", help="camvid | cityscapes | ade20k | voc | folder | synthetic")
+    ],
+    root: Annotated[
+        Path | None, typer.Argument(metavar="ROOT", help="Dataset root folder (none for synthetic).")
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Scan only N images per split.")
+    ] = None,
 ) -> None:
     """Counts per split, image sizes and class pixel frequencies.
 

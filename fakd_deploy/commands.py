@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fakd_deploy.artifacts import Artifact, resolve_recipe
 from fakd_deploy.data.splits import ValBatches, calibration_images
 from fakd_deploy.deploy.backends import resolve_backend
@@ -17,8 +19,9 @@ from fakd_deploy.deploy.build import build
 from fakd_deploy.deploy.runtime import open_predictor
 from fakd_deploy.errors import BadInput
 from fakd_deploy.evaluate import evaluate
+from fakd_deploy.figures import confusion_figure, has_matplotlib, normalised, png_bytes
 from fakd_deploy.recipe import EvalConfig
-from fakd_deploy.utils import save_json
+from fakd_deploy.utils import atomic_write, save_json
 
 
 def check_classes(artifact: Artifact, data: ValBatches, dataset: str) -> None:
@@ -48,7 +51,9 @@ def evaluate_file(
     """Score any model file on a split of its recipe's dataset (or `recipe`'s), `--set` applied.
 
     The result names the dataset, its root and the split that were scored, so an override
-    that changed them is visible in the answer.
+    that changed them is visible in the answer. With `json_out`, the result (per-class IoU
+    and the confusion matrix included) is written there, and the row-normalised confusion
+    matrix as a heat map with class names beside it (`<name>.confusion.png`).
     """
     check_json_target(json_out)
     artifact = Artifact.open(model)
@@ -75,8 +80,34 @@ def evaluate_file(
         "class_names": data.class_names,
     }
     if json_out is not None:
-        save_json(result, json_out)
+        written = [save_json(result, json_out)]
+        if has_matplotlib():
+            title = f"{model.name}: confusion matrix, rows normalised ({cfg.data.name} {data.split})"
+            figure = confusion_figure(result["confusion_matrix"], data.class_names, title)
+            picture = png_bytes(figure)
+            written.append(atomic_write(confusion_png(json_out), lambda tmp: tmp.write_bytes(picture)))
+        result["written"] = [str(path) for path in written]
     return result
+
+
+def confusion_png(json_out: Path) -> Path:
+    """eval.json -> eval.confusion.png, beside it."""
+    return json_out.with_name(f"{json_out.stem}.confusion.png")
+
+
+def most_confused(result: dict[str, Any], count: int = 3) -> list[str]:
+    """The largest off-diagonal shares of the confusion matrix, as lines a person reads:
+    `Pole -> Building: 38.2 % of Pole's pixels`."""
+    shares = normalised(result["confusion_matrix"])
+    names = result.get("class_names") or [str(i) for i in range(len(shares))]
+    np.fill_diagonal(shares, 0.0)
+    order = np.argsort(shares, axis=None)[::-1][:count]
+    pairs = [np.unravel_index(int(i), shares.shape) for i in order]
+    return [
+        f"most confused: {names[t]} -> {names[p]}: {100 * shares[t, p]:.1f} % of {names[t]}'s pixels"
+        for t, p in pairs
+        if shares[t, p] > 0
+    ]
 
 
 def build_file(
@@ -91,4 +122,10 @@ def build_file(
             raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
         return build(artifact, spec)
     cfg = resolve_recipe(artifact, recipe, overrides or [])
-    return build(artifact, spec, calibration_images(cfg.data, cfg.deploy.calib), cfg.deploy.calib_method)
+    return build(
+        artifact,
+        spec,
+        calibration_images(cfg.data, cfg.deploy.calib),
+        cfg.deploy.calib_method,
+        quantizer=cfg.deploy.quantizer,
+    )

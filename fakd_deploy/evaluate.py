@@ -43,7 +43,11 @@ class ConfusionMatrix:
         self.mat += np.bincount(n * target + np.clip(pred, 0, n - 1), minlength=n * n).reshape(n, n)
 
     def compute(self) -> dict[str, Any]:
-        """IoU_c = TP / (TP + FP + FN); mIoU averages the classes that occur in GT or prediction."""
+        """IoU_c = TP / (TP + FP + FN); mIoU averages the classes that occur in GT or prediction.
+
+        `confusion_matrix` holds the pixel counts themselves (rows: ground truth, columns:
+        prediction), so any other metric can be computed from the result.
+        """
         mat = self.mat.astype(np.float64)
         tp = np.diag(mat)
         union = mat.sum(0) + mat.sum(1) - tp
@@ -53,6 +57,7 @@ class ConfusionMatrix:
             "miou": float(100 * iou[present].mean()) if present.any() else math.nan,
             "pixel_acc": float(100 * tp.sum() / max(mat.sum(), 1)),
             "per_class_iou": [float(100 * v) if p else None for v, p in zip(iou, present, strict=True)],
+            "confusion_matrix": self.mat.tolist(),
         }
 
 
@@ -127,7 +132,8 @@ def evaluate(
     description: str = "evaluate",
     total: int | None = None,
 ) -> dict[str, Any]:
-    """mIoU, per-class IoU and pixel accuracy of a predictor over (images, masks) batches."""
+    """mIoU, per-class IoU, pixel accuracy and the confusion matrix of a predictor over
+    (images, masks) batches."""
     mode = mode or EvalConfig()
     matrix = ConfusionMatrix(num_classes, ignore_index)
     images_seen = 0

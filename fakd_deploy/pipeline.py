@@ -267,13 +267,21 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
 
         def work(attempt: Attempt, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
             calib = splits.calibration_images(recipe.data, recipe.deploy.calib)
-            path = build(onnx, backend, calib_images=calib, calib_method=recipe.deploy.calib_method)
+            path = build(
+                onnx,
+                backend,
+                calib_images=calib,
+                calib_method=recipe.deploy.calib_method,
+                quantizer=recipe.deploy.quantizer,
+            )
             return [path], {"path": s.run.relative(path)}
 
         inputs: dict[str, Any] = {"backend": name, "onnx": onnx}
         if resolve_backend(name).precision == "int8":
             calibration = (recipe.deploy.calib, recipe.deploy.calib_method, recipe.data)
             inputs |= dict(zip(("deploy.calib", "deploy.calib_method", "data"), calibration, strict=True))
+            if recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
+                inputs["deploy.quantizer"] = recipe.deploy.quantizer
         try:
             metrics = s.stage(f"build:{name}", inputs, work)
             artifacts.append(s.run.root / metrics["path"])

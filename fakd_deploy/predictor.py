@@ -38,6 +38,14 @@ class GpuTimed(Protocol):
     ) -> list[float]: ...
 
 
+def pad_to_batch(images: np.ndarray, batch: int | None) -> np.ndarray:
+    """`images` zero-padded to `batch` images (unchanged when `batch` is None or reached)."""
+    missing = (batch or 0) - images.shape[0]
+    if missing <= 0:
+        return images
+    return np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
+
+
 def run_fixed_batch(
     run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int | None
 ) -> np.ndarray:
@@ -52,10 +60,7 @@ def run_fixed_batch(
     outputs = []
     for start in range(0, count, batch):
         chunk = images[start : start + batch]
-        real = chunk.shape[0]
-        if real < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(run(chunk)[:real])
+        outputs.append(run(pad_to_batch(chunk, batch))[: chunk.shape[0]])
     return np.concatenate(outputs)
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 
 from fakd_deploy.errors import RecipeError
 from fakd_deploy.inputs import MAX_YAML_BYTES, load_yaml, read_text
+from fakd_deploy.suggest import did_you_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +54,9 @@ BackendName = Literal[
     "ort-int8",  # aliases of ort-cpu-fp32 and ort-cpu-int8
 ]
 
+
+# What an exported model takes (`deploy.inputs`): normalised floats, float pixels or uint8 images.
+InputMode = Literal["float", "pixels", "uint8"]
 
 NAME_LIMIT = 64
 VARIANT_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.+-]{{0,{NAME_LIMIT - 1}}}$")
@@ -263,6 +267,10 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
+    """The exported graph: its size and batch, its input mode (`float` normalised images,
+    `pixels` 0-255 or `uint8` NHWC images with the normalisation inside), and for argmax
+    exports the label type (`int32` or `uint8`)."""
+
     variant: str | None = None
     height: PositiveInt | None = None
     width: PositiveInt | None = None
@@ -270,12 +278,16 @@ class ExportConfig(Section):
     dynamic: bool = False
     opset: int = Field(default=18, ge=13, le=23)
     argmax: bool = False
+    input: InputMode = "float"
+    labels: Literal["int32", "uint8"] = "int32"
     tolerance: PositiveFloat = 1e-4
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ExportConfig:
         if (self.height is None) != (self.width is None):
             raise ValueError("give deploy.export.height and width together, or neither")
+        if self.labels != "int32" and not self.argmax:
+            raise ValueError("deploy.export.labels sets the type of argmax labels: it needs argmax: true")
         return self
 
 
@@ -286,9 +298,14 @@ class DeployConfig(Section):
     )
     calib: PositiveInt = 32
     calib_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    quantizer: Literal["ort", "modelopt"] = "ort"  # who places TensorRT's Q/DQ (X.qdq.onnx)
 
 
 class BenchConfig(Section):
+    """How `bench` measures: timing in `rounds` interleaved rounds (a row whose median moves
+    more than `max_spread` percent between rounds is flagged), `pick` writes
+    deploy/choice.json, `compare` draws that many validation images per backend."""
+
     threads: PositiveInt | None = None
     batch: PositiveInt = 1
     iters: PositiveInt | None = None
@@ -296,6 +313,10 @@ class BenchConfig(Section):
     warmup_s: NonNegativeFloat = 1.0
     tolerance: NonNegativeFloat = 1.0
     max_images: PositiveInt | None = None
+    rounds: PositiveInt = 5
+    max_spread: PositiveFloat = 10.0
+    pick: bool = False
+    compare: NonNegativeInt = 0
 
 
 class StudyConfig(Section):
@@ -373,7 +394,8 @@ def _check_path(key: str, model: type[BaseModel] | None = Recipe) -> None:
             where = ".".join(parts[:depth]) or "the top level"
             allowed = ", ".join(model.model_fields)
             raise RecipeError(
-                f"unknown recipe key '{key}': '{part}' is not allowed at {where} (allowed: {allowed})"
+                f"unknown recipe key '{key}': '{part}' is not allowed at {where}"
+                f"{did_you_mean(part, model.model_fields)} (allowed: {allowed})"
             )
         model = _section_type(model.model_fields[part].annotation)
 
@@ -412,6 +434,16 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _allowed_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows beside the last part of `loc` (a key path)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        model = _section_type(model.model_fields[part].annotation)
+    return list(model.model_fields) if model is not None else []
+
+
 def _format(error: ValidationError, prefix: str = "") -> str:
     """Pydantic's errors as one line: each names its dotted key; long values are cut."""
     lines = []
@@ -419,13 +451,21 @@ def _format(error: ValidationError, prefix: str = "") -> str:
         key = ".".join([prefix] * bool(prefix) + [str(part) for part in item["loc"]]) or "recipe"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown recipe key '{key}'")
+            allowed = [] if prefix else _allowed_at(tuple(item["loc"]))
+            hint = did_you_mean(str(item["loc"][-1]), allowed) if allowed else ""
+            listed = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"unknown recipe key '{key}'{hint}{listed}")
         elif isinstance(item.get("input"), dict | list) or item["type"] == "value_error":
             where = f"recipe key '{key}'" if item["loc"] else "recipe"
             lines.append(f"{where}: {message}")  # a section, or a check that names the value itself
         else:
-            got = repr(item.get("input"))
-            lines.append(f"recipe key '{key}': {message} (got {got if len(got) <= 80 else got[:77] + '...'})")
+            value = item.get("input")
+            hint = ""
+            if item["type"] in ("list_type", "tuple_type") and isinstance(value, str) and "," in value:
+                hint = f"; write a list in brackets: {key}=[{value}]"
+            got = repr(value)
+            got = got if len(got) <= 80 else got[:77] + "..."
+            lines.append(f"recipe key '{key}': {message} (got {got}){hint}")
     return "; ".join(lines)
 
 
@@ -445,9 +485,20 @@ def parse_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     return recipe
 
 
+def _recipes_near(path: Path) -> str:
+    """The recipes that do exist where `path` was looked for (or in ./recipes), to pick from."""
+    folder = path.parent if path.parent.is_dir() and path.parent != Path(".") else Path("recipes")
+    found = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not found:
+        return ""
+    return f"{did_you_mean(path.name, found)}; recipes in {folder}: {', '.join(found)}"
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A recipe file (a regular file of at most MAX_YAML_BYTES), checked against the schema."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise RecipeError(f"recipe file not found: {path}{_recipes_near(path)}")
     raw = load_yaml(read_text(path, "recipe", MAX_YAML_BYTES, RecipeError), str(path), RecipeError)
     if raw is None:
         raise RecipeError(f"{path} is empty: a recipe needs at least 'data' and 'student' sections")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -275,3 +276,87 @@ def test_teacher_weights_trained_elsewhere_are_imported_scored_and_saved(tmp_pat
         assert saved.role == "teacher" and 0 <= saved.metrics["miou"] <= 100
         for key, value in model.state_dict().items():
             assert torch.equal(saved.model[key], value), key
+
+
+def test_help_shows_no_type_placeholders_and_one_line_summaries() -> None:
+    """Flags show no `<bool>`; each command's summary is one line, so the command list wraps
+    evenly."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        output = runner.invoke(app, [name, "--help"], env={"COLUMNS": "100"}).output
+        assert "<bool>" not in output and "<list[str]>" not in output, name
+        assert "\n" not in (command.help or "").strip().split("\n\n")[0], name
+    assert "<bool>" not in runner.invoke(app, ["--help"]).output
+
+
+def refused(args: list[object], *expected: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # the words, whatever the wrapping
+    for part in expected:
+        assert part in text, (part, text)
+    return text
+
+
+def test_messages_suggest_the_fix(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(Path(TINY).read_text().replace("student:", "studnt:", 1))
+    refused(
+        ["run", typo, "--out", tmp_path / "r"],
+        "unknown recipe key 'studnt'",
+        "did you mean 'student'",
+        "allowed here:",
+    )
+    refused(
+        ["run", TINY, "--set", "teacher.train.steps", "100"],
+        "write key=value as one word, e.g. --set teacher.train.steps=100",
+    )
+    refused(
+        ["run", TINY, "--out", tmp_path / "r", "--set", "student.seeds=0,1"],
+        "write a list in brackets: student.seeds=[0,1]",
+    )
+    refused(
+        ["evaluate", artifacts["int8"], "--backend", "ort-cuda-int8"],
+        "there is no ort-cuda-int8",
+        "ort-trt-int8",
+    )
+    refused(
+        ["run", ROOT / "recipes" / "quickstrt.yaml"],
+        "did you mean 'quickstart.yaml'",
+        "recipes in",
+        "camvid_cpu.yaml",
+    )
+    student = tmp_path / "run" / "students" / "fakd_kd_s0"
+    student.mkdir(parents=True)
+    shutil.copy(artifacts["checkpoint"], student / "best.pt")
+    guess = tmp_path / "run" / "students" / "fakd_kd" / "best.pt"
+    refused(["evaluate", guess], f"model not found: {guess}", f"did you mean {student / 'best.pt'}?")
+    refused(
+        ["bench", tmp_path / "rn"], f"{tmp_path / 'rn'} does not exist", f"did you mean {tmp_path / 'run'}"
+    )
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(artifacts["int8"], alone / "student.int8.onnx")
+    refused(
+        ["evaluate", alone / "student.int8.onnx", "--backend", "ort-cpu-fp32"],
+        "student.onnx is the exported model: export it from its checkpoint",
+        "student.int8.onnx itself runs on ort-cpu-int8",
+    )
+    refused(
+        ["evaluate", artifacts["int8"], "--backend", "ort-cpu-fp32"],
+        f"open {artifacts['onnx'].name} instead",
+    )
+
+
+def test_export_prints_what_it_wrote_not_raw_json(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    output = invoke("export", artifacts["checkpoint"], "--out", tmp_path / "s.onnx")
+    lines = output.splitlines()
+    (line,) = [line for line in lines if line.startswith("exported")]
+    assert line.startswith(f"exported {tmp_path / 's.onnx'} (") and "{" not in output
+    assert "  input          images float32, normalised (1, 3, 32, 32)" in lines
+    assert "  output         logits float32 (1, 6, 32, 32), 6 classes" in lines
+    (parity,) = [line for line in lines if line.startswith("  parity")]
+    assert "max |Δ logit|" in parity and "argmax agreement 100.000 %" in parity

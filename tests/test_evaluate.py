@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +163,53 @@ def test_multi_scale_averages_softmax_over_scales() -> None:
             out = torch.nn.functional.interpolate(out, (16, 20), mode="bilinear", align_corners=False)
             total = total + softmax(out.numpy())
     np.testing.assert_array_equal(predict_labels(predictor, images, mode), np.asarray(total).argmax(1))
+
+
+def test_confusion_matrix_counts_pixels_by_truth_and_prediction() -> None:
+    """Entry (t, p) is the number of valid pixels of class t predicted as p, counted here one
+    pixel at a time; ignored pixels count nowhere."""
+    rng = np.random.default_rng(3)
+    target = rng.integers(0, 4, (2, 9, 7))
+    target[rng.random(target.shape) < 0.2] = 255
+    pred = rng.integers(0, 4, target.shape)
+    matrix = ConfusionMatrix(4)
+    matrix.update(target, pred)
+    expected = [[0] * 4 for _ in range(4)]
+    for t, p in zip(target.ravel().tolist(), pred.ravel().tolist(), strict=True):
+        if t != 255:
+            expected[t][p] += 1
+    assert matrix.compute()["confusion_matrix"] == expected
+
+
+def test_normalised_rows_and_the_most_confused_pairs() -> None:
+    from fakd_deploy.commands import most_confused
+    from fakd_deploy.figures import normalised
+
+    counts = [[8, 2, 0], [1, 1, 2], [0, 0, 0]]
+    np.testing.assert_allclose(normalised(counts), [[0.8, 0.2, 0.0], [0.25, 0.25, 0.5], [0.0, 0.0, 0.0]])
+    lines = most_confused({"confusion_matrix": counts, "class_names": ["road", "car", "sky"]})
+    assert lines == [
+        "most confused: car -> sky: 50.0 % of car's pixels",
+        "most confused: car -> road: 25.0 % of car's pixels",
+        "most confused: road -> car: 20.0 % of road's pixels",
+    ]
+
+
+def test_evaluate_writes_the_confusion_matrix_as_json_and_a_heat_map(
+    artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from fakd_deploy.commands import evaluate_file
+
+    out = tmp_path / "eval.json"
+    result = evaluate_file(artifacts["onnx"], max_images=8, json_out=out)
+    saved = json.loads(out.read_text())
+    counts = np.array(saved["confusion_matrix"])
+    assert counts.shape == (6, 6) and counts.sum() == 8 * 32 * 32
+    assert saved["class_names"] == result["class_names"] and len(saved["per_class_iou"]) == 6
+    tp, union = np.diag(counts), counts.sum(0) + counts.sum(1) - np.diag(counts)
+    assert saved["miou"] == pytest.approx(100 * np.mean(tp[union > 0] / union[union > 0]), abs=1e-9)
+    heat_map = Image.open(tmp_path / "eval.confusion.png")
+    assert heat_map.format == "PNG" and min(heat_map.size) > 300
+    assert result["written"] == [str(out), str(tmp_path / "eval.confusion.png")]

@@ -216,7 +216,7 @@ def test_a_full_disk_is_one_line_with_exit_1(tmp_path: Path, artifacts: dict[str
         cli("predict", artifacts["onnx"], image, "--out", tmp_path / "out"),
         1,
         "cannot write",
-        "image.labels.png",
+        "labels.png",
         "No space left on device",
     )
 

@@ -1,8 +1,8 @@
-"""predict and `open_predictor`: label PNGs and overlays at the original image size, from any model file."""
+"""predict and `open_predictor`: label PNGs in the dataset's colours, overlays with a legend,
+outputs named by model and backend, folders as input, and never an input overwritten."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,10 @@ from PIL import Image
 from fakd_deploy.artifacts import ModelInfo
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.deploy.export import export_onnx
-from fakd_deploy.deploy.predict import palette, predict
+from fakd_deploy.deploy.predict import predict
 from fakd_deploy.deploy.runtime import open_predictor
 from fakd_deploy.errors import ArtifactError, BadInput
+from fakd_deploy.palette import CAMVID, CITYSCAPES, TAB10, palette_for, voc_colours
 
 CLASSES = 5
 
@@ -35,9 +36,21 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "std": [0.2, 0.2, 0.2],
             "pixel_scale": 255.0,
             "class_names": [f"c{i}" for i in range(CLASSES)],
+            "recipe": "name: m\ndata: {name: cityscapes}\nstudent: {}\n",
         },
     )
     return path
+
+
+def _images(folder: Path, sizes: dict[str, tuple[int, int]], suffix: str = ".jpg") -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (height, width) in sizes.items():
+        path = folder / f"{name}{suffix}"
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
 
 
 def test_open_predictor_reads_onnx_metadata(onnx_model: Path) -> None:
@@ -77,72 +90,107 @@ def test_checkpoint_and_its_onnx_export_predict_alike(tmp_path: Path) -> None:
     assert torch_info.class_names == onnx_info.class_names
 
 
-def test_predict_writes_pngs_of_the_original_size(onnx_model: Path, tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = []
-    for name, (height, width) in {"wide": (40, 90), "tall": (70, 30)}.items():
-        path = tmp_path / f"{name}.jpg"
-        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
-        images.append(path)
+def test_predict_writes_labels_in_the_datasets_colours_and_overlays_with_a_legend(
+    onnx_model: Path, tmp_path: Path
+) -> None:
+    images = _images(tmp_path, {"wide": (40, 90), "tall": (70, 30)})
     written = predict(onnx_model, images, tmp_path / "out")
     assert [p.name for p in written] == [
-        "wide.labels.png",
-        "wide.overlay.png",
-        "tall.labels.png",
-        "tall.overlay.png",
+        "wide.m.ort-cpu-fp32.labels.png",
+        "wide.m.ort-cpu-fp32.overlay.png",
+        "tall.m.ort-cpu-fp32.labels.png",
+        "tall.m.ort-cpu-fp32.overlay.png",
     ]
     for source, labels_png, overlay_png in zip(images, written[::2], written[1::2], strict=True):
         size = Image.open(source).size
         labels = Image.open(labels_png)
         assert labels.size == size and labels.mode == "P"
-        assert np.asarray(labels).max() < CLASSES
-        overlay = Image.open(overlay_png)
-        assert overlay.size == size and overlay.mode == "RGB"
+        ids = np.asarray(labels)
+        assert ids.max() < CLASSES
+        colours = np.asarray(labels.getpalette()[: 3 * CLASSES]).reshape(-1, 3)
+        np.testing.assert_array_equal(colours, np.asarray(CITYSCAPES[:CLASSES]))  # the model's dataset
+        overlay = np.asarray(Image.open(overlay_png))
+        assert overlay.shape[0] >= size[1] and overlay.shape[1] > size[0]  # the legend to the right
+        legend = overlay[:, size[0] :]
+        for class_id in np.unique(ids):  # every class present has its swatch in the legend
+            assert (legend == CITYSCAPES[class_id]).all(-1).any(), class_id
+        for class_id in set(range(CLASSES)) - set(np.unique(ids).tolist()):
+            assert not (legend == CITYSCAPES[class_id]).all(-1).any(), class_id
+
+
+def test_a_folder_of_images_and_two_backends_side_by_side(onnx_model: Path, tmp_path: Path) -> None:
+    """A folder gives its image files (sorted, nothing else); a second backend writes beside
+    the first instead of over it."""
+    from fakd_deploy.deploy.build import build
+
+    folder = tmp_path / "images"
+    _images(folder, {"b": (20, 20), "a": (24, 16)}, ".png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub.png").mkdir()
+    build(onnx_model, "ort-cpu-fp32")
+    first = predict(onnx_model, [folder], tmp_path / "out", overlay=False)
+    assert [p.name for p in first] == ["a.m.ort-cpu-fp32.labels.png", "b.m.ort-cpu-fp32.labels.png"]
+    int8 = build(onnx_model, "ort-cpu-int8", calib_images=[np.zeros((1, 3, 48, 64), np.float32)])
+    second = predict(int8, [folder], tmp_path / "out", overlay=False)
+    assert [p.name for p in second] == ["a.m.ort-cpu-int8.labels.png", "b.m.ort-cpu-int8.labels.png"]
+    assert all(p.exists() for p in first + second)
+
+
+def test_predict_never_overwrites_its_own_inputs(onnx_model: Path, tmp_path: Path) -> None:
+    """Images named like the outputs of other images, predicted into their own folder: refused
+    before anything runs, every input left as it was."""
+    folder = tmp_path / "images"
+    inputs = _images(folder, {"a": (16, 16)}, ".png")
+    for name in ("a.labels", "a.overlay", "a.m.ort-cpu-fp32.labels", "a.m.ort-cpu-fp32.overlay"):
+        inputs += _images(folder, {name: (16, 16)}, ".png")
+    before = {path: path.read_bytes() for path in inputs}
+    with pytest.raises(BadInput, match=r"would overwrite the input .*a\.m\.ort-cpu-fp32\.labels\.png"):
+        predict(onnx_model, inputs, folder)
+    with pytest.raises(BadInput, match="would overwrite the input"):
+        predict(onnx_model, [folder], folder)  # the folder form: same names, same refusal
+    assert {path: path.read_bytes() for path in inputs} == before
+    hard = tmp_path / "elsewhere.png"
+    hard.hardlink_to(inputs[0])  # another name for the same file
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "elsewhere.m.ort-cpu-fp32.labels.png").hardlink_to(inputs[0])
+    with pytest.raises(BadInput, match="would overwrite the input"):
+        predict(onnx_model, [hard], out)
+    assert inputs[0].read_bytes() == before[inputs[0]]
 
 
 def test_two_images_with_one_name_are_refused_before_anything_runs(onnx_model: Path, tmp_path: Path) -> None:
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "x.png")
-    with pytest.raises(BadInput, match=r"would both write x\.labels\.png"):
+    with pytest.raises(BadInput, match=r"would both write x\.m\.ort-cpu-fp32\.labels\.png"):
         predict(onnx_model, [tmp_path / "a/x.png", tmp_path / "b/x.png"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("how", ["same folder", "linked --out", "hard link", "link to an input"])
-def test_predict_never_overwrites_its_inputs(onnx_model: Path, tmp_path: Path, how: str) -> None:
-    """Whatever the output names: an image called `x.labels.png` beside `x.png`, a --out that
-    is a link to the images' folder, an old output that is a (hard) link to an input."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("x.png", "x.labels.png"):
-        Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(images / name)
-    before = (images / "x.labels.png").read_bytes()
-    given = [images / "x.png", images / "x.labels.png"]
-    out = tmp_path / "out"
-    if how == "same folder":
-        out = images
-    elif how == "linked --out":
-        out.symlink_to(images)
-    else:
-        out.mkdir()
-        target = out / "x.overlay.png"  # a hand-made link where an output goes
-        if how == "hard link":
-            os.link(images / "x.labels.png", target)
-        else:
-            target.symlink_to(images / "x.labels.png")
-    with pytest.raises(BadInput, match=r"would overwrite the input .*x\.labels\.png"):
-        predict(onnx_model, given, out)
-    assert (images / "x.labels.png").read_bytes() == before
-    assert sorted(p.name for p in images.iterdir()) == ["x.labels.png", "x.png"]
-
-
-def test_normalise_and_palette() -> None:
+def test_normalise() -> None:
     info = ModelInfo(Normalise((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     x = info.normalise(np.full((2, 3, 3), 255, dtype=np.uint8))
     assert x.shape == (3, 2, 3) and np.allclose(x, 1.0)
-    colours = palette()
+
+
+def test_each_dataset_has_its_own_palette() -> None:
+    """Known colours of each dataset (CamVid's road, Cityscapes' car, VOC's person, ADE20K's
+    wall), every palette distinct within its classes, and ids beyond it in VOC's colours."""
+    assert tuple(palette_for("camvid", 11)[3]) == (128, 64, 128) == CAMVID[3]  # Road
+    assert tuple(palette_for("cityscapes", 19)[13]) == (0, 0, 142)  # car
+    assert tuple(palette_for("voc", 21)[15]) == (192, 128, 128)  # person
+    assert tuple(palette_for("ade20k", 150)[0]) == (120, 120, 120)  # wall
+    assert tuple(palette_for("synthetic", 8)[0]) == TAB10[0]
+    for name, count in (("camvid", 11), ("cityscapes", 19), ("voc", 21), ("synthetic", 10)):
+        assert len({tuple(c) for c in palette_for(name, count)}) == count, name
+    ade = [tuple(c) for c in palette_for("ade20k", 150)]
+    assert len(set(ade)) == 149 and ade[6] == ade[48] == (140, 140, 140)  # as published: road, skyscraper
+    np.testing.assert_array_equal(palette_for("camvid", 256)[11:], voc_colours(256)[11:])
+    np.testing.assert_array_equal(palette_for("folder", 256), voc_colours(256))
+    colours = voc_colours()
     assert colours.shape == (256, 3) and len({tuple(c) for c in colours}) == 256
+    assert tuple(colours[1]) == (128, 0, 0) and tuple(colours[2]) == (0, 128, 0)  # the devkit's map
 
 
 def test_unknown_missing_and_broken_model_files(tmp_path: Path) -> None:

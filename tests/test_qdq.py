@@ -1,7 +1,12 @@
-"""TensorRT's Q/DQ rules, the TensorRT-conformant INT8 model, and the FP16 converter (no torch, no GPU)."""
+"""TensorRT's Q/DQ rules, Model Optimizer's placement, the INT8 model for TensorRT, and the FP16
+converter (no torch, no GPU)."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +15,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
-from onnx_graphs import onnx_segmenter
+from onnx_graphs import onnx_mobile_segmenter, onnx_segmenter
 
 from fakd_deploy.deploy.fp16 import to_fp16
-from fakd_deploy.deploy.qdq import (
-    check_tensorrt_qdq,
-    fusion_advice,
-    residual_main_inputs,
-    share_concat_scales,
-)
+from fakd_deploy.deploy.qdq import share_concat_scales, tensorrt_placement
+from fakd_deploy.deploy.qdq_rules import check_tensorrt_qdq, fusion_advice, residual_main_inputs
 from fakd_deploy.deploy.quantize import quantize_ort_int8, quantize_tensorrt_int8
 
 SIZE = (32, 48)
@@ -36,10 +37,27 @@ def run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"images": x})[0]
 
 
+def quantized_inputs(model: onnx.ModelProto) -> Counter[tuple[str, tuple[int, ...]]]:
+    """(op type, indices of inputs read through a Q -> DQ pair) for every node that has any."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def through_qdq(name: str) -> bool:
+        dq = producers.get(name)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q is not None and q.op_type == "QuantizeLinear"
+
+    found: Counter[tuple[str, tuple[int, ...]]] = Counter()
+    for node in model.graph.node:
+        indices = tuple(i for i, name in enumerate(node.input) if through_qdq(name))
+        if indices and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            found[(node.op_type, indices)] += 1
+    return found
+
+
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("qdq") / "m.onnx"
-    onnx.save(onnx_segmenter(), str(path))
+    onnx.save(onnx_segmenter(channels=16), str(path))
     return path
 
 
@@ -67,9 +85,10 @@ def test_tensorrt_model_meets_every_rule(tensorrt_qdq: onnx.ModelProto) -> None:
     add = nodes["res"]
     assert _producer(tensorrt_qdq, add.input[0]).op_type == "Conv"  # main branch: fused into b2
     assert _producer(tensorrt_qdq, add.input[1]).op_type == "DequantizeLinear"  # residual: INT8
-    assert _producer(tensorrt_qdq, "logits").op_type == "Resize"
-    classifier = nodes["classifier"]
-    assert _producer(tensorrt_qdq, classifier.input[0]).op_type == "Relu"  # float logit tail
+    upsample = _producer(tensorrt_qdq, "logits")
+    assert upsample.op_type == "Resize" and _producer(tensorrt_qdq, upsample.input[0]).op_type == "Conv"
+    classifier = nodes["classifier"]  # quantized inputs, as Model Optimizer does; float logits
+    assert _producer(tensorrt_qdq, classifier.input[0]).op_type == "DequantizeLinear"
     metadata = {p.key: p.value for p in tensorrt_qdq.metadata_props}
     assert metadata["activations"] == '"int8-symmetric"' and metadata["calib_images"] == "4"
 
@@ -78,6 +97,81 @@ def test_tensorrt_model_runs_close_to_fp32_on_cpu(fp32: Path, tensorrt_qdq: onnx
     x = images(1, seed=7)[0]
     expected, actual = run(fp32, x), run(tensorrt_qdq, x)
     assert (expected.argmax(1) == actual.argmax(1)).mean() > 0.95
+
+
+# What Model Optimizer's rules give the MobileNetV3-like block of onnx_mobile_segmenter, worked
+# out by hand: every Conv (the depthwise one and the classifier too), the HardSwish, the
+# squeeze-excite Mul (both inputs), the MaxPool beside a quantized Conv and the inner Resize;
+# of the residual Add only the skip input (index 1); never the Relu/HardSigmoid fused or left
+# float, nor the Resize that produces the logits.
+MOBILE_NODES = {"stem", "dw", "se.fc1", "se.fc2", "project", "res", "head", "classifier", "hs", "se.mul"}
+MOBILE_NODES |= {"pool", "up"}
+MOBILE_INPUTS = Counter(
+    {
+        ("Conv", (0, 1)): 7,
+        ("HardSwish", (0,)): 1,
+        ("Mul", (0, 1)): 1,
+        ("ReduceMean", (0,)): 1,  # reads the Mul's quantized input: one Q/DQ pair feeds both
+        ("Add", (1,)): 1,
+        ("MaxPool", (0,)): 1,
+        ("Resize", (0,)): 1,
+    }
+)
+
+
+def test_placement_follows_model_optimizers_rules(tmp_path: Path) -> None:
+    model = onnx_mobile_segmenter()
+    nodes, keep_float = tensorrt_placement(model)
+    assert set(nodes) == MOBILE_NODES and keep_float == {"res": {0}}
+    onnx.save(model, str(tmp_path / "mobile.onnx"))
+    qdq = onnx.load(
+        str(quantize_tensorrt_int8(tmp_path / "mobile.onnx", tmp_path / "mobile.qdq.onnx", images(2)))
+    )
+    assert quantized_inputs(qdq) == MOBILE_INPUTS
+    assert check_tensorrt_qdq(qdq) == [] and fusion_advice(qdq) == []
+
+
+def test_convolutions_too_small_for_int8_kernels_stay_float() -> None:
+    """8-channel convolutions (other than the first layer) get no fast INT8 kernel; nor then does
+    the residual Add whose skip input a float convolution also reads."""
+    nodes, keep_float = tensorrt_placement(onnx_segmenter(channels=8))
+    assert nodes == ["stem"]
+    assert keep_float["res"] == {0, 1} and keep_float["b1"] == {0, 1, 2}
+
+
+def _modelopt(source: Path, calib: np.ndarray) -> onnx.ModelProto:
+    np.save(source.with_suffix(".npy"), calib)
+    out = source.with_name(source.stem + ".modelopt.onnx")
+    command = [
+        sys.executable, "-m", "modelopt.onnx.quantization", f"--onnx_path={source}", "--quantize_mode=int8",
+        f"--calibration_data_path={source.with_suffix('.npy')}", "--calibration_eps", "cpu",
+        "--high_precision_dtype=fp32", "--calibration_method=max", f"--output_path={out}",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return onnx.load(str(out))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt is not installed")
+@pytest.mark.parametrize(
+    "graph",
+    [
+        onnx_mobile_segmenter,
+        lambda: onnx_segmenter(channels=16),
+        lambda: onnx_segmenter(channels=16, downsample_shortcut=True),
+        onnx_segmenter,
+    ],
+    ids=["mobile", "residual", "downsampling", "small-convs"],
+)
+def test_placement_matches_model_optimizer(tmp_path: Path, graph: object) -> None:
+    """Model Optimizer 0.47 and fakd-deploy quantize the same inputs of the same op types."""
+    source = tmp_path / "m.onnx"
+    onnx.save(graph(), str(source))  # type: ignore[operator]
+    ours = onnx.load(str(quantize_tensorrt_int8(source, tmp_path / "m.qdq.onnx", images(4))))
+    theirs = _modelopt(source, np.concatenate(images(4)))
+    assert quantized_inputs(ours) == quantized_inputs(theirs)
+    assert check_tensorrt_qdq(theirs) == []
 
 
 def test_onnx_runtime_uint8_model_is_refused(fp32: Path, tmp_path: Path) -> None:
@@ -210,7 +304,7 @@ def test_concat_scales_are_advice_and_get_shared() -> None:
     model = _concat_of_quantized((0.1, 0.3))
     assert check_tensorrt_qdq(model) == []  # TensorRT accepts it, with a requantization
     assert any(a.startswith("perf: concat-scales") for a in fusion_advice(model))
-    share_concat_scales(model)
+    model = share_concat_scales(model)
     values = {
         t.name: float(numpy_helper.to_array(t)) for t in model.graph.initializer if t.name.startswith("s")
     }
@@ -235,7 +329,7 @@ def test_downsampling_shortcut_keeps_the_longer_branch_as_main() -> None:
 
 
 def test_tensorrt_model_with_downsampling_shortcut(tmp_path: Path) -> None:
-    onnx.save(onnx_segmenter(downsample_shortcut=True), str(tmp_path / "d.onnx"))
+    onnx.save(onnx_segmenter(channels=16, downsample_shortcut=True), str(tmp_path / "d.onnx"))
     model = onnx.load(str(quantize_tensorrt_int8(tmp_path / "d.onnx", tmp_path / "d.qdq.onnx", images(2))))
     assert check_tensorrt_qdq(model) == [] and fusion_advice(model) == []
 

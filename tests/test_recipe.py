@@ -105,7 +105,13 @@ def test_recipe_module_is_a_leaf() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('fakd_deploy')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(out) == ["fakd_deploy", "fakd_deploy.errors", "fakd_deploy.inputs", "fakd_deploy.recipe"]
+    assert eval(out) == [
+        "fakd_deploy",
+        "fakd_deploy.errors",
+        "fakd_deploy.inputs",
+        "fakd_deploy.recipe",
+        "fakd_deploy.suggest",
+    ]
 
 
 def test_distillation_without_teacher_is_an_error() -> None:

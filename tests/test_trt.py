@@ -1,11 +1,14 @@
-"""TensorRT builds on CPU: a stand-in `tensorrt` module (10.x, 11.x) records what the builder is asked."""
+"""TensorRT builds and engines on CPU, through stand-ins for `tensorrt` (10.x, 11.x) and cuda-python.
+
+The stand-ins (tests/standins/) follow TensorRT's Python bindings (python/src/infer/pyCore.cpp,
+v10.3.0 and v11.1), its headers and cuda-python's runtime module; each test says which
+behaviour of the real library it relies on and where that behaviour is written down.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
+from standins.fake_cuda import FakeCudaRuntime, cudaError_t
+from standins.fake_tensorrt import FakeTensorRT, engine_output
 
+from fakd_deploy.artifacts import Artifact
 from fakd_deploy.deploy import cuda
 from fakd_deploy.deploy import trt as trt_module
 from fakd_deploy.deploy.build import build
@@ -30,138 +36,19 @@ from fakd_deploy.deploy.trt import (
     profile_shapes,
     sidecar_path,
 )
-from fakd_deploy.errors import BackendUnavailable
+from fakd_deploy.errors import ArtifactError, BackendUnavailable
 from fakd_deploy.utils import file_sha256
 
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 ORIN = {"gpu": "Orin", "compute_capability": "8.7", "tensorrt": "10.3.0"}
 
 
-class FakeTensorRT(types.ModuleType):
-    """The slice of the TensorRT Python API fakd-deploy uses, recording every call.
-
-    Under 11.x, `BuilderFlag` has no FP16/INT8 (removed in TensorRT 11), so touching them
-    raises AttributeError as the real module would.
-    """
-
-    def __init__(self, version: str) -> None:
-        super().__init__("tensorrt")
-        self.__version__ = version
-        flags = ["TF32"] + (["FP16", "INT8", "BF16"] if version.startswith("10.") else [])
-        self.BuilderFlag = types.SimpleNamespace(**{flag: flag for flag in flags})
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-        self.calls: dict[str, Any] = {
-            "set_flag": [],
-            "clear_flag": [],
-            "network_flags": None,
-            "parsed": None,
-            "profiles": [],
-            "pool": None,
-        }
-        fake = self
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, severity: int) -> None:
-                self.severity = severity
-
-        class Tensor:
-            def __init__(self, name: str, shape: list[int]) -> None:
-                self.name, self.shape, self.dtype = name, shape, "DataType.FLOAT"
-
-        class Network:
-            def __init__(self) -> None:
-                self.inputs: list[Tensor] = []
-                self.outputs: list[Tensor] = []
-
-            num_inputs = property(lambda self: len(self.inputs))
-            num_outputs = property(lambda self: len(self.outputs))
-
-            def get_input(self, index: int) -> Tensor:
-                return self.inputs[index]
-
-            def get_output(self, index: int) -> Tensor:
-                return self.outputs[index]
-
-        class OnnxParser:
-            def __init__(self, network: Network, logger: Logger) -> None:
-                self.network = network
-                self.num_errors = 0
-
-            def parse_from_file(self, path: str) -> bool:
-                fake.calls["parsed"] = path
-                graph = onnx.load(path, load_external_data=False).graph
-                for values, target in (
-                    (graph.input, self.network.inputs),
-                    (graph.output, self.network.outputs),
-                ):
-                    for value in values:
-                        dims = [d.dim_value or -1 for d in value.type.tensor_type.shape.dim]
-                        target.append(Tensor(value.name, dims))
-                return True
-
-        class Cache:
-            def serialize(self) -> bytes:
-                return b"timings"
-
-        class Config:
-            def set_memory_pool_limit(self, pool: str, size: int) -> None:
-                fake.calls["pool"] = (pool, size)
-
-            def set_flag(self, flag: str) -> None:
-                fake.calls["set_flag"].append(flag)
-
-            def clear_flag(self, flag: str) -> None:
-                fake.calls["clear_flag"].append(flag)
-
-            def create_timing_cache(self, data: bytes) -> Cache:
-                return Cache()
-
-            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-                return True
-
-            def get_timing_cache(self) -> Cache:
-                return Cache()
-
-            def add_optimization_profile(self, profile: Any) -> None:
-                fake.calls["profiles"].append(profile.shapes)
-
-        class Profile:
-            def __init__(self) -> None:
-                self.shapes: dict[str, tuple] = {}
-
-            def set_shape(self, name: str, low: tuple, opt: tuple, high: tuple) -> None:
-                self.shapes[name] = (low, opt, high)
-
-        class Builder:
-            def __init__(self, logger: Logger) -> None:
-                self.logger = logger
-
-            def create_network(self, flags: int = 0) -> Network:
-                fake.calls["network_flags"] = flags
-                return Network()
-
-            def create_builder_config(self) -> Config:
-                return Config()
-
-            def create_optimization_profile(self) -> Profile:
-                return Profile()
-
-            def build_serialized_network(self, network: Network, config: Config) -> bytes:
-                return b"engine"
-
-        self.Logger, self.OnnxParser, self.Builder = Logger, OnnxParser, Builder
-
-
-def _model(dynamic: bool = False) -> onnx.ModelProto:
+def _model(batch: int | str = 1) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
-    batch: Any = "batch" if dynamic else 1
     inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
-        numpy_helper.from_array(np.zeros(4, np.float32), "b1"),
-        numpy_helper.from_array(rng.standard_normal((3, 4, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((3, 16, 1, 1)).astype(np.float32), "w2"),
         numpy_helper.from_array(np.zeros(3, np.float32), "b2"),
     ]
     nodes = [
@@ -193,11 +80,15 @@ def _calibration() -> list[np.ndarray]:
     return [rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(3)]
 
 
-def _install(monkeypatch: pytest.MonkeyPatch, version: str, machine: dict[str, str] = H100) -> FakeTensorRT:
-    fake = FakeTensorRT(version)
+def _install(
+    monkeypatch: pytest.MonkeyPatch, version: str, machine: dict[str, str] = H100, **cudart: Any
+) -> FakeTensorRT:
+    """The TensorRT stand-in as `import tensorrt`, on one simulated GPU of `machine`."""
+    major, minor = machine["compute_capability"].split(".")
+    runtime = FakeCudaRuntime(gpu=machine["gpu"], capability=(int(major), int(minor)), **cudart)
+    fake = FakeTensorRT(version, cudart=runtime)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(cuda, "no_gpu_reason", lambda: None)
-    monkeypatch.setattr(cuda, "device_info", lambda device=0: dict(machine))
+    monkeypatch.setattr(cuda, "runtime", lambda: runtime)
     return fake
 
 
@@ -233,7 +124,7 @@ def test_tensorrt_10_sets_builder_flags_on_a_weakly_typed_network(
 ) -> None:
     fake = _install(monkeypatch, "10.3.0")
     engine = build(fp32, f"trt-{precision}", calib_images=_calibration())
-    assert engine.name == f"m.{precision}.engine" and engine.read_bytes() == b"engine"
+    assert engine.name == f"m.{precision}.engine" and json.loads(engine.read_bytes())["inputs"]
     assert fake.calls["network_flags"] == 0
     parsed = Path(fake.calls["parsed"])
     if precision == "int8":
@@ -255,10 +146,11 @@ def test_tensorrt_10_sets_builder_flags_on_a_weakly_typed_network(
 def test_tensorrt_11_builds_strongly_typed_from_typed_onnx(
     fp32: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
+    """NvInfer.h v11.1: kSTRONGLY_TYPED = 0 (deprecated, always on), so the flags are 1 << 0."""
     fake = _install(monkeypatch, "11.4.0.106")
     engine = build(fp32, f"trt-{precision}", calib_images=_calibration())
     assert fake.calls["set_flag"] == []  # FP16/INT8 flags do not exist in 11
-    assert fake.calls["network_flags"] == 1 << 1  # 1 << STRONGLY_TYPED
+    assert fake.calls["network_flags"] == 1 << 0
     parsed = Path(fake.calls["parsed"])
     assert parsed.name == {"fp32": "m.onnx", "fp16": "m.fp16.onnx", "int8": "m.qdq.fp16.onnx"}[precision]
     model = onnx.load(str(parsed))
@@ -292,7 +184,7 @@ def test_dynamic_batch_gets_a_profile_and_shape_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = _install(monkeypatch, "11.4.0.106")
-    onnx.save(_model(dynamic=True), str(tmp_path / "d.onnx"))
+    onnx.save(_model("batch"), str(tmp_path / "d.onnx"))
     engine = build(tmp_path / "d.onnx", "trt-fp32")
     assert fake.calls["profiles"] == [{"images": ((1, 3, 16, 16), (1, 3, 16, 16), (8, 3, 16, 16))}]
     command = load_sidecar(engine)["trtexec"]
@@ -349,158 +241,148 @@ def test_missing_sidecar_is_explained(tmp_path: Path) -> None:
         load_sidecar(engine)
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["fp16"]', "JSON list, not an object"),
+        ('{"precision": "fp16", "metadata": "class_names=a,b"}', "field 'metadata' must be a mapping"),
+        ('{"precision": "fp64"}', "field 'precision'"),
+        ('{"precision": "fp16", "gpu": 7}', "field 'gpu' must be text"),
+        ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "not valid JSON"),
+    ],
+)
+def test_a_damaged_sidecar_is_one_line_naming_file_and_field(tmp_path: Path, text: str, words: str) -> None:
+    """A sidecar is a user's file: bad JSON, a JSON list or string metadata is exit code 2 with
+    one line naming the file and what is wrong, whether the engine is opened to run or to read."""
+    engine = tmp_path / "m.fp16.engine"
+    engine.write_bytes(b"engine")
+    sidecar_path(engine).write_bytes(text.encode("latin-1"))
+    for opening in (load_sidecar, Artifact.open):
+        with pytest.raises(ArtifactError) as error:
+            opening(engine)
+        message = str(error.value)
+        assert error.value.exit_code == 2 and "\n" not in message
+        assert str(sidecar_path(engine)) in message and words in message
+
+
 def test_missing_tensorrt_or_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if not installed
     with pytest.raises(BackendUnavailable) as error:
         import_tensorrt()
     assert str(error.value) == INSTALL_HINT
-    _install(monkeypatch, "10.3.0")
-    monkeypatch.setattr(cuda, "no_gpu_reason", lambda: "no CUDA GPU is visible (test)")
+    _install(monkeypatch, "10.3.0", devices=0)
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU: no CUDA GPU is visible"):
         import_tensorrt()
-    monkeypatch.setattr(cuda, "no_gpu_reason", lambda: None)
-    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "12.0.0")
+    _install(monkeypatch, "12.0.0")
     with pytest.raises(BackendUnavailable, match=r"12\.0\.0 is not supported"):
         trt_module.import_tensorrt()
 
 
-class FakeCudaRuntime:
-    """cuda-python's runtime on host memory: 'device' buffers are ctypes buffers, calls are logged."""
-
-    cudaStreamNonBlocking = 1
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="H2D", cudaMemcpyDeviceToHost="D2H")
-    STREAM = 0x5000  # the legacy default stream is 0
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, Any] = {}
-        self.calls: list[tuple] = []
-
-    def _alloc(self, nbytes: int) -> tuple[int, int]:
-        buffer = ctypes.create_string_buffer(nbytes)
-        self.buffers[ctypes.addressof(buffer)] = buffer
-        return 0, ctypes.addressof(buffer)
-
-    cudaMalloc = cudaMallocHost = _alloc
-
-    def cudaFree(self, ptr: int) -> tuple[int]:
-        self.buffers.pop(ptr, None)
-        return (0,)
-
-    cudaFreeHost = cudaFree
-
-    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, int]:
-        self.calls.append(("create stream", flags))
-        return 0, self.STREAM
-
-    def cudaStreamDestroy(self, stream: int) -> tuple[int]:
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: str, stream: int) -> tuple[int]:
-        self.calls.append((kind, stream))
-        ctypes.memmove(dst, src, nbytes)
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
-        self.calls.append(("sync", stream))
-        return (0,)
-
-    def cudaEventCreate(self) -> tuple[int, str]:
-        return 0, "event"
-
-    def cudaEventRecord(self, event: str, stream: int) -> tuple[int]:
-        self.calls.append(("event", stream))
-        return (0,)
-
-    def cudaEventSynchronize(self, event: str) -> tuple[int]:
-        return (0,)
-
-    def cudaEventElapsedTime(self, start: str, end: str) -> tuple[int, float]:
-        return 0, 1.5
-
-    def cudaEventDestroy(self, event: str) -> tuple[int]:
-        return (0,)
+def test_a_driver_too_old_for_cuda_python_13_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda-bindings 13 needs a CUDA 13 driver (>= 580.65): with an older one, or none,
+    cudaGetDeviceCount fails with cudaErrorInsufficientDriver alike; cudaDriverGetVersion tells
+    the two apart (measured with cuda-bindings 13.5 on a machine without a driver: (35, None)
+    and (0, 0))."""
+    old = FakeCudaRuntime(driver=12040, runtime_version=13000)
+    assert old.cudaGetDeviceCount() == (cudaError_t.cudaErrorInsufficientDriver, None)
+    monkeypatch.setattr(cuda, "runtime", lambda: old)
+    monkeypatch.setattr(cuda, "bindings_version", lambda: "13.0.3")
+    reason = cuda.no_gpu_reason()
+    assert reason is not None
+    assert "CUDA 12.4" in reason and "580.65" in reason and "cuda-python>=12.3,<13" in reason
+    monkeypatch.setattr(cuda, "runtime", lambda: FakeCudaRuntime(driver=0))
+    assert (
+        cuda.no_gpu_reason() == "no NVIDIA driver is loaded (cudaGetDeviceCount: cudaErrorInsufficientDriver)"
+    )
+    assert cuda.versions()["cuda_driver"] == "no driver"
 
 
-def _add_engine_runtime(fake: FakeTensorRT, cudart: FakeCudaRuntime, max_batch: int) -> None:
-    """An engine with a dynamic batch (1..max_batch) whose output is twice its input."""
-    shape = (3, 16, 16)
-    fake.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    fake.nptype = lambda dtype: np.float32
+def _engine(tmp_path: Path, batch: int | str, monkeypatch: pytest.MonkeyPatch, **cudart: Any) -> Path:
+    """An engine built by the stand-in from a model with a static (int) or dynamic (str) batch."""
+    _install(monkeypatch, "10.3.0", **cudart)
+    onnx.save(_model(batch), str(tmp_path / "m.onnx"))
+    return build(tmp_path / "m.onnx", "trt-fp16")
 
-    class Context:
-        def __init__(self) -> None:
-            self.batch, self.addresses = 0, {}
 
-        def set_input_shape(self, name: str, dims: tuple) -> None:
-            self.batch = dims[0]
-
-        def get_tensor_shape(self, name: str) -> tuple:
-            return (self.batch, *shape)
-
-        def set_tensor_address(self, name: str, ptr: int) -> None:
-            self.addresses[name] = ptr
-
-        def execute_async_v3(self, stream: int) -> bool:
-            cudart.calls.append(("execute", stream))
-            count = self.batch * int(np.prod(shape))
-            source = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["images"]))
-            target = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses["logits"]))
-            target[:] = 2 * source
-            return True
-
-    class Engine:
-        num_io_tensors = 2
-
-        def get_tensor_name(self, index: int) -> str:
-            return ("images", "logits")[index]
-
-        def get_tensor_mode(self, name: str) -> str:
-            return "in" if name == "images" else "out"
-
-        def get_tensor_shape(self, name: str) -> tuple:
-            return (-1, *shape)
-
-        def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple]:
-            return [(1, *shape), (1, *shape), (max_batch, *shape)]
-
-        def get_tensor_dtype(self, name: str) -> str:
-            return "DataType.FLOAT"
-
-        def create_execution_context(self) -> Context:
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger: Any) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes) -> Engine:
-            return Engine()
-
-    fake.Runtime = Runtime
+def _images(count: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((count, 3, 16, 16)).astype(np.float32)
 
 
 def test_engine_runs_on_a_non_blocking_stream_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every copy, the execution, the synchronisation and the timing events use one stream, never 0."""
-    fake = _install(monkeypatch, "10.3.0")
-    cudart = FakeCudaRuntime()
-    monkeypatch.setattr(cuda, "runtime", lambda: cudart)
-    _add_engine_runtime(fake, cudart, max_batch=2)
-    engine = tmp_path / "m.fp16.engine"
-    engine.write_bytes(b"engine")
-    sidecar_path(engine).write_text(json.dumps({**H100, "tensorrt": "10.3.0"}))
-
+    engine = _engine(tmp_path, "batch", monkeypatch)
+    cudart = cuda.runtime()
     predictor = TrtPredictor(engine)
-    images = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
-    np.testing.assert_array_equal(predictor(images), 2 * images)  # 5 images in batches of 2, 2, 1
+    images = np.concatenate([_images(8), _images(8)])[:10]
+    expected = engine_output(images, (10, 3, 16, 16))
+    np.testing.assert_allclose(predictor(images), expected, rtol=1e-6)  # batches of 8, then 2
     assert cudart.calls[0] == ("create stream", FakeCudaRuntime.cudaStreamNonBlocking)
     work = cudart.calls[1:]
-    assert [kind for kind, _ in work].count("execute") == 3
-    assert [kind for kind, _ in work].count("H2D") == [kind for kind, _ in work].count("D2H") == 3
-    assert {stream for _, stream in work} == {FakeCudaRuntime.STREAM}
+    assert [kind for kind, _ in work].count("execute") == 2
+    assert [kind for kind, _ in work].count("H2D") == [kind for kind, _ in work].count("D2H") == 2
+    assert {stream for kind, stream in work if kind != "wait event"} == {predictor.stream.handle}
+    assert predictor.stream.handle != FakeCudaRuntime.DEFAULT_STREAM
 
+
+def test_a_static_batch_engine_pads_one_image_to_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IExecutionContext::setInputShape returns False for a shape the engine cannot take
+    ("Each dimension must agree with the network dimension unless the latter was -1",
+    NvInferRuntime.h v10.3.0), so a batch-2 engine is fed two images, the second zeros, both
+    when predicting and when timing."""
+    engine = _engine(tmp_path, 2, monkeypatch)
+    fake: Any = sys.modules["tensorrt"]
+    predictor = TrtPredictor(engine)
+    one = _images(1)
+    np.testing.assert_allclose(predictor(one), engine_output(one, (1, 3, 16, 16)), rtol=1e-6)
+    times = predictor.gpu_compute_ms(one, warmup_s=0.0, seconds=0.0, iters=3)
+    assert len(times) == 3
+    assert all(shape[0] == 2 for _, shape in fake.calls["set_input_shape"])
+
+
+def test_a_refused_input_shape_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine whose profile starts at batch 2 (trtexec --minShapes=images:2x3x16x16) refuses
+    batch 1: setInputShape returns False ("Runtime dimension does not satisfy any optimization
+    profile") and the run must stop instead of executing on the shape set before."""
+    engine = _engine(tmp_path, "batch", monkeypatch)
+    built = json.loads(engine.read_bytes())
+    built["profiles"]["images"][0][0] = 2
+    engine.write_bytes(json.dumps(built).encode())
+    predictor = TrtPredictor(engine)
+    with pytest.raises(RuntimeError, match=r"refused input shape \[1, 3, 16, 16\]"):
+        predictor(_images(1))
+
+
+def test_gpu_compute_keeps_one_run_in_flight_behind_the_timed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trtexec's GPU compute time (samples/common/sampleInference.cpp, `Iteration`: two event
+    sets, the next iteration enqueued before the previous one is waited for): each run starts
+    as soon as the GPU is free, so the host's 0.5 ms to issue a run is not in the 2 ms of GPU
+    work each one takes. Synchronising after every run would time 2.5 ms."""
+    engine = _engine(tmp_path, 1, monkeypatch)
+    predictor = TrtPredictor(engine)
+    cudart = cuda.runtime()
     cudart.calls.clear()
-    assert predictor.gpu_compute_ms(images, warmup_s=0.0, seconds=0.0, iters=4) == [1.5] * 4
-    events = [stream for kind, stream in cudart.calls if kind == "event"]
-    assert events == [FakeCudaRuntime.STREAM] * 8
+    times = predictor.gpu_compute_ms(_images(1), warmup_s=0.0, seconds=0.0, iters=6)
+    assert times == pytest.approx([2.0] * 6)
+    log = [kind for kind, _ in cudart.calls if kind in ("execute", "wait event")]
+    timed = log[log.index("execute", 1) :]  # after the untimed warm-up run
+    assert timed[:3] == ["execute", "execute", "wait event"]  # run 2 issued before run 1 is awaited
+    events = {stream for kind, stream in cudart.calls if kind == "event"}
+    assert events == {predictor.stream.handle}
+
+
+def test_host_latency_waits_for_the_copy_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calling the predictor (host latency) returns after the stream is synchronised, so the
+    copies and the GPU work are all in it: 2 ms of work plus 2 x 0.05 ms of copies here."""
+    engine = _engine(tmp_path, 1, monkeypatch)
+    predictor = TrtPredictor(engine)
+    cudart = cuda.runtime()
+    before = cudart.host_ms
+    predictor(_images(1))
+    assert cudart.host_ms - before == pytest.approx(0.5 + 2.0 + 0.05, abs=1e-9)  # launch, work, copy back

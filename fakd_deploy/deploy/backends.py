@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fakd_deploy.errors import BadInput
+from fakd_deploy.suggest import did_you_mean
 
 ONNX_SUFFIXES = (".int8", ".qdq", ".fp16")
 
@@ -63,6 +64,12 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 ALIASES = {"ort-fp32": "ort-cpu-fp32", "ort-int8": "ort-cpu-int8"}
+# Names a person may expect that do not exist, and why.
+MISSING = {
+    "ort-cuda-int8": "there is no ort-cuda-int8: ONNX Runtime's CUDA provider runs a Q/DQ model as "
+    "dequantize -> FP32, so the row would measure FP32 while calling it INT8; INT8 on a GPU is "
+    "ort-trt-int8 (TensorRT provider) or trt-int8",
+}
 
 
 def resolve_backend(name: str | Backend) -> Backend:
@@ -70,9 +77,13 @@ def resolve_backend(name: str | Backend) -> Backend:
     if isinstance(name, Backend):
         return name
     key = ALIASES.get(name, name)
+    if key in MISSING:
+        raise BadInput(MISSING[key])
     if key not in BACKENDS:
         choices = ", ".join([*BACKENDS, *(f"{a} (= {b})" for a, b in ALIASES.items())])
-        raise BadInput(f"unknown backend '{name}'; choose from: {choices}")
+        raise BadInput(
+            f"unknown backend '{name}'{did_you_mean(name, [*BACKENDS, *ALIASES])}; choose from: {choices}"
+        )
     return BACKENDS[key]
 
 

@@ -12,18 +12,25 @@ an exception that names the call, so no error code is silently ignored.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from fakd_deploy import optional
 from fakd_deploy.errors import BackendUnavailable
 
 INSTALL_HINT = "cuda-python is not installed: pip install 'fakd-deploy[gpu]'"
 MIN_ITERS = 20
+IN_FLIGHT = 2  # trtexec's default: one iteration queued behind the one running
+# The CUDA version a driver must support for each cuda-python major (13.x needs driver >= 580.65)
+DRIVER_FOR_BINDINGS = {12: 12000, 13: 13000}
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver
 
 
 def runtime() -> ModuleType:
@@ -49,6 +56,62 @@ def check(result: Any, call: str = "CUDA call") -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def cuda_version(encoded: int) -> str:
+    """12040 -> "12.4", as cudaDriverGetVersion and cudaRuntimeGetVersion encode it."""
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+def bindings_version() -> str:
+    """The installed cuda-python (cuda-bindings) version, or "not installed"."""
+    found = optional.version("cuda.bindings")
+    if found[:1].isdigit():
+        return found
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return optional.NOT_INSTALLED
+
+
+def versions() -> dict[str, str]:
+    """Driver CUDA version, runtime CUDA version and cuda-python version, as far as they load."""
+    try:
+        cudart = runtime()
+    except BackendUnavailable:
+        return {"cuda_driver": "unknown", "cuda_runtime": "unknown", "cuda_python": optional.NOT_INSTALLED}
+    driver = cudart.cudaDriverGetVersion()
+    found = cudart.cudaRuntimeGetVersion()
+    return {
+        "cuda_driver": cuda_version(int(driver[1])) if int(driver[0]) == 0 and driver[1] else "no driver",
+        "cuda_runtime": cuda_version(int(found[1])) if int(found[0]) == 0 else "unknown",
+        "cuda_python": bindings_version(),
+    }
+
+
+def _driver_reason(cudart: Any, status: Any) -> str:
+    """What a failed cudaGetDeviceCount means: no GPU, no driver, or a driver too old.
+
+    With no driver, and with a driver older than the runtime, the call fails with
+    cudaErrorInsufficientDriver alike; cudaDriverGetVersion tells them apart (0: no driver).
+    """
+    name = getattr(status, "name", str(int(status)))
+    if int(status) != INSUFFICIENT_DRIVER:
+        return f"no CUDA GPU is visible (cudaGetDeviceCount: {name})"
+    error, driver = cudart.cudaDriverGetVersion()
+    if int(error) != 0 or not driver:
+        return f"no NVIDIA driver is loaded (cudaGetDeviceCount: {name})"
+    bindings = bindings_version()
+    major = int(bindings.split(".")[0]) if bindings[:1].isdigit() else 0
+    needed = DRIVER_FOR_BINDINGS.get(major, int(driver) + 1)
+    return (
+        f"the NVIDIA driver supports CUDA {cuda_version(int(driver))}, but cuda-python {bindings} "
+        f"needs CUDA {cuda_version(needed)}"
+        + (" (driver >= 580.65)" if major == 13 else "")
+        + ": install 'cuda-python>=12.3,<13' with TensorRT 10 (the `gpu` extra) or update the driver"
+    )
+
+
 def no_gpu_reason() -> str | None:
     """Why no CUDA GPU can be used here, or None when at least one is visible."""
     try:
@@ -57,7 +120,7 @@ def no_gpu_reason() -> str | None:
         return str(error)
     status, count = cudart.cudaGetDeviceCount()
     if int(status) != 0:
-        return f"no CUDA GPU is visible (cudaGetDeviceCount: {getattr(status, 'name', status)})"
+        return _driver_reason(cudart, status)
     return None if count > 0 else "no CUDA GPU is visible (cudaGetDeviceCount: 0 devices)"
 
 
@@ -143,29 +206,53 @@ def time_on_stream(
     iters: int | None = None,
     min_iters: int = MIN_ITERS,
 ) -> list[float]:
-    """Milliseconds of GPU time per `enqueue()`, from CUDA events recorded around it on `stream`.
+    """Milliseconds of GPU time per `enqueue()`, as trtexec measures "GPU Compute Time".
 
-    This is what trtexec calls "GPU compute": inputs already on the device, no host
-    copies, measured after a time-based warm-up.
+    Each run is enqueued between two CUDA events of its own on `stream`, and the next run
+    is enqueued before the previous one is waited for (trtexec's `Iteration` keeps two in
+    flight, samples/common/sampleInference.cpp), so a run starts as soon as the GPU is
+    free, not after the host has seen the previous one finish: launch gaps are not timed.
+    `enqueue` must not synchronise the stream. Inputs are already on the device; the
+    warm-up is time-based and runs in the same pipeline, as trtexec's does.
     """
     cudart = stream.cudart
-    start = check(cudart.cudaEventCreate(), "cudaEventCreate")
-    end = check(cudart.cudaEventCreate(), "cudaEventCreate")
+    slots = [
+        (
+            check(cudart.cudaEventCreate(), "cudaEventCreate"),
+            check(cudart.cudaEventCreate(), "cudaEventCreate"),
+        )
+        for _ in range(IN_FLIGHT)
+    ]
+    pending: deque[tuple[Any, Any]] = deque()
+    times: list[float] = []
+
+    def finish_oldest() -> None:
+        start, end = pending.popleft()
+        check(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
+        times.append(float(check(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")))
+
     try:
         warm_until = time.perf_counter() + warmup_s
         enqueue()
         while time.perf_counter() < warm_until:
             enqueue()
-        stream.synchronize()
-        times: list[float] = []
+        # no synchronisation here: the first timed run queues behind the last warm-up run
         deadline = time.perf_counter() + seconds
-        while len(times) < iters if iters else len(times) < min_iters or time.perf_counter() < deadline:
+        issued = 0
+        while issued < iters if iters else issued < min_iters or time.perf_counter() < deadline:
+            start, end = slots[issued % IN_FLIGHT]
             check(cudart.cudaEventRecord(start, stream.handle), "cudaEventRecord")
             enqueue()
             check(cudart.cudaEventRecord(end, stream.handle), "cudaEventRecord")
-            check(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
-            times.append(float(check(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")))
+            pending.append((start, end))
+            issued += 1
+            if len(pending) == IN_FLIGHT:
+                finish_oldest()
+        while pending:
+            finish_oldest()
         return times
     finally:
-        cudart.cudaEventDestroy(start)
-        cudart.cudaEventDestroy(end)
+        stream.synchronize()
+        for start, end in slots:
+            cudart.cudaEventDestroy(start)
+            cudart.cudaEventDestroy(end)

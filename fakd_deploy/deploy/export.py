@@ -1,8 +1,9 @@
 """Export a student to one self-describing ONNX file and prove that it matches PyTorch.
 
-The exported graph takes normalised images (N, 3, H, W) and returns logits upsampled to
-(H, W), or int64 labels with `argmax=True`. Everything a runtime needs to use it (class
-names, normalisation, input size) and to trace it back (recipe, checkpoint hash) is
+The exported graph takes normalised images (N, 3, H, W), float pixels or uint8 (N, H, W, 3)
+images (`input`, see `deploy.inputs`) and returns logits upsampled to (H, W), or int32 or
+uint8 labels with `argmax=True`. Everything a runtime needs to use it (class names,
+normalisation, input mode and size) and to trace it back (recipe, checkpoint hash) is
 stored in the model's `metadata_props`. Its settings are the recipe's `deploy.export`,
 for `run` and for the `export` command alike.
 """
@@ -26,9 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fakd_deploy import __version__
+from fakd_deploy.artifacts import ModelInfo
 from fakd_deploy.data import splits
+from fakd_deploy.data.preprocess import Normalise
+from fakd_deploy.deploy.inputs import (
+    add_normalisation,
+    cast_labels,
+    fold_normalisation,
+    layout,
+    pixels_from_normalised,
+)
 from fakd_deploy.deploy.onnx_meta import write_metadata
-from fakd_deploy.errors import ExportError, error_summary
+from fakd_deploy.errors import ArtifactError, ExportError, error_summary
 from fakd_deploy.models import Checkpoint
 from fakd_deploy.recipe import Recipe
 from fakd_deploy.utils import atomic_write, file_sha256, text_sha256
@@ -102,6 +112,25 @@ def load_student(source: str | Path | nn.Module) -> tuple[nn.Module, dict[str, A
     checkpoint = Checkpoint.load(source)
     meta = checkpoint_metadata(checkpoint, file_sha256(source))
     return checkpoint.build(str(source)), meta, checkpoint.recipe_config()
+
+
+def check_weights(model: nn.Module, source: object) -> None:
+    """A model whose weights are not finite, or whose BatchNorm variances are negative,
+    predicts NaN: refused before export, naming the tensor."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ArtifactError(
+                f"{source}: weight '{name}' has {bad} non-finite value(s) (NaN or inf); "
+                "a model with such weights predicts NaN: retrain or re-import it"
+            )
+        if name.endswith("running_var") and bool((tensor < 0).any()):
+            raise ArtifactError(
+                f"{source}: '{name}' (a BatchNorm variance) has negative values; "
+                "a model with such statistics predicts NaN: retrain or re-import it"
+            )
 
 
 def _to_onnx(
@@ -186,19 +215,39 @@ def _images(batches: ParityBatches, size: tuple[int, int]) -> Iterable[torch.Ten
         yield images
 
 
+def _feeds(images: torch.Tensor, mode: str, normalise: Normalise) -> tuple[torch.Tensor, np.ndarray]:
+    """What PyTorch and the exported graph are given for one batch: the same picture.
+
+    A `pixels` or `uint8` graph gets the images as pixels (whole numbers for uint8);
+    PyTorch gets those very pixels normalised as in training.
+    """
+    if mode == "float":
+        return images, images.numpy()
+    pixels = pixels_from_normalised(images.numpy(), normalise)
+    if mode == "uint8":
+        pixels = np.clip(np.rint(pixels), 0, 255).astype(np.float32)
+    reference = np.stack([normalise(image) for image in pixels.transpose(0, 2, 3, 1)])
+    return torch.from_numpy(reference), layout(pixels, mode)
+
+
 def _run_fixed_batch(
-    session: ort.InferenceSession, output: str, images: torch.Tensor, batch: int | None
+    session: ort.InferenceSession, output: str, feed: np.ndarray, batch: int | None
 ) -> torch.Tensor:
     """Run chunks of exactly `batch` images (a static-batch graph takes no other size)."""
-    chunks = [images] if batch is None else list(images.split(batch))
+    chunks = [feed] if batch is None else [feed[i : i + batch] for i in range(0, len(feed), batch)]
     outputs = []
     for chunk in chunks:
         real = chunk.shape[0]
         if batch is not None and real < batch:
-            chunk = torch.cat([chunk, chunk.new_zeros(batch - real, *chunk.shape[1:])])
-        (out,) = session.run([output], {INPUT_NAME: chunk.numpy()})
+            chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)])
+        (out,) = session.run([output], {INPUT_NAME: chunk})
         outputs.append(torch.from_numpy(out)[:real])
     return torch.cat(outputs)
+
+
+def _non_finite(where: str, logits: torch.Tensor) -> str | None:
+    bad = int((~torch.isfinite(logits)).sum())
+    return f"{where} gives {bad} non-finite logit(s) (NaN or inf)" if bad else None
 
 
 @torch.no_grad()
@@ -209,13 +258,27 @@ def check_parity(
     size: tuple[int, int],
     batch: int | None,
     argmax: bool,
+    mode: str = "float",
+    normalise: Normalise | None = None,
 ) -> dict[str, Any]:
-    """Largest absolute logit difference and argmax agreement of ONNX Runtime vs PyTorch."""
+    """Largest absolute logit difference and argmax agreement of ONNX Runtime vs PyTorch.
+
+    Any non-finite logit on either side fails the check: NaN compares false with
+    everything, so it would otherwise pass as a difference of 0.
+    """
     session, output = _logits_session(path, argmax)
+    normalise = normalise or Normalise((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     diff, agree, pixels, count = 0.0, 0, 0, 0
     for images in _images(batches, size):
-        expected = reference(images)
-        actual = _run_fixed_batch(session, output, images, batch)
+        torch_input, onnx_input = _feeds(images, mode, normalise)
+        expected = reference(torch_input)
+        actual = _run_fixed_batch(session, output, onnx_input, batch)
+        problem = _non_finite("PyTorch", expected) or _non_finite("ONNX Runtime", actual)
+        if problem:
+            raise ExportError(
+                f"{problem} on the parity images: the model's weights or statistics are not "
+                "usable (NaN, inf or overflow); nothing was written"
+            )
         diff = max(diff, float((expected - actual).abs().max()))
         agree += int((expected.argmax(1) == actual.argmax(1)).sum())
         pixels += expected.argmax(1).numel()
@@ -251,19 +314,24 @@ def export_onnx(
     dynamic: bool = False,
     opset: int = 18,
     argmax: bool = False,
+    input: str = "float",
+    labels: str = "int32",
     metadata: dict[str, Any] | None = None,
     parity_batches: ParityBatches | None = None,
     tolerance: float = 1e-4,
 ) -> dict[str, Any]:
     """Export, check, simplify, annotate and verify a student; the file appears only if it passes.
 
-    Raises `ExportError` when ONNX Runtime differs from PyTorch by more than `tolerance`
-    (absolute, on the upsampled logits).
+    `input` is the input mode (float, pixels or uint8: `deploy.inputs`), `labels` the type
+    of an argmax model's output (int32 or uint8). Raises `ExportError` when ONNX Runtime
+    differs from PyTorch by more than `tolerance` (absolute, on the upsampled logits) or
+    either gives a non-finite logit.
     """
     start = time.perf_counter()
     out = Path(out)
     model, meta, recipe = load_student(checkpoint_or_model)
     model = revert_sync_batchnorm(model).eval().cpu().float()
+    check_weights(model, checkpoint_or_model if isinstance(checkpoint_or_model, str | Path) else "the model")
     size = (height, width)
     reference = DeployModel(model, size, argmax=False).eval()
     wrapper = DeployModel(model, size, argmax=argmax).eval()
@@ -271,10 +339,18 @@ def export_onnx(
     example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width)
     with torch.no_grad():
         num_classes = int(reference(example[:1]).shape[1])
+    if argmax and labels == "uint8" and num_classes > 256:
+        raise ArtifactError(f"{num_classes} classes do not fit uint8 labels: use deploy.export.labels=int32")
     output_name = "labels" if argmax else "logits"
 
     proto, exporter = _to_onnx(wrapper, example, dynamic, opset, output_name)
     proto, simplified = _simplify(proto)
+    meta.update(metadata or {})
+    normalise = ModelInfo.from_metadata(meta, None).normalise
+    add_normalisation(proto, normalise, input)
+    folding = fold_normalisation(proto)
+    if argmax:
+        cast_labels(proto, labels)
     meta.update(
         fakd_deploy_version=__version__,
         exporter=exporter,
@@ -285,8 +361,12 @@ def export_onnx(
         num_classes=num_classes,
         argmax=argmax,
         output=output_name,
+        input=input,
+        labels=labels if argmax else None,
+        mean=list(normalise.mean),
+        std=list(normalise.std),
+        pixel_scale=normalise.pixel_scale,
     )
-    meta.update(metadata or {})
     write_metadata(proto, meta)
     batches = parity_batches if parity_batches is not None else _default_parity(recipe, example)
     parity: dict[str, Any] = {}
@@ -297,7 +377,8 @@ def export_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as error:
             raise ExportError(f"the exported graph fails onnx.checker: {error_summary(error)}") from None
-        parity.update(check_parity(reference, tmp, batches, size, None if dynamic else batch, argmax))
+        fixed = None if dynamic else batch
+        parity.update(check_parity(reference, tmp, batches, size, fixed, argmax, input, normalise))
         log.info(
             f"parity over {parity['parity_images']} images: max |Δ logit| "
             f"{parity['max_abs_diff']:.2e} (tolerance {tolerance:.0e}), argmax "
@@ -311,6 +392,7 @@ def export_onnx(
             )
 
     atomic_write(out, write)
+    shape = [batch if not dynamic else None, height, width]
     return {
         "path": str(out),
         "exporter": exporter,
@@ -319,13 +401,46 @@ def export_onnx(
         "input_size": [height, width],
         "batch": None if dynamic else batch,
         "dynamic": dynamic,
+        "input": input,
+        "input_shape": [shape[0], height, width, 3] if input == "uint8" else [shape[0], 3, height, width],
+        "normalisation": folding if input != "float" else "outside the graph (input float)",
         "argmax": argmax,
+        "labels": labels if argmax else None,
+        "output": output_name,
         "num_classes": num_classes,
+        "tolerance": tolerance,
         **parity,
         "size_mb": out.stat().st_size / 2**20,
         "sha256": file_sha256(out),
         "seconds": time.perf_counter() - start,
     }
+
+
+def export_summary(report: dict[str, Any]) -> list[str]:
+    """The report of `export_onnx` as lines a person reads."""
+    batch = "N" if report["batch"] is None else str(report["batch"])
+    height, width = report["input_size"]
+    dims = (
+        f"({batch}, {height}, {width}, 3)"
+        if report["input"] == "uint8"
+        else f"({batch}, 3, {height}, {width})"
+    )
+    kind = {"float": "float32, normalised", "pixels": "float32 RGB pixels 0-255", "uint8": "uint8 RGB"}
+    if report["argmax"]:
+        output = f"labels {report['labels']} ({batch}, {height}, {width})"
+    else:
+        output = f"logits float32 ({batch}, {report['num_classes']}, {height}, {width})"
+    return [
+        f"exported {report['path']} ({report['size_mb']:.2f} MB, sha256 {report['sha256'][:12]})",
+        f"  input          images {kind[report['input']]} {dims}",
+        f"  normalisation  {report['normalisation']}",
+        f"  output         {output}, {report['num_classes']} classes",
+        f"  parity         {report['parity_images']} images: max |Δ logit| {report['max_abs_diff']:.1e} "
+        f"(tolerance {report['tolerance']:.0e}), argmax agreement "
+        f"{100 * report['argmax_agreement']:.3f} %",
+        f"  graph          {report['exporter']} exporter, opset {report['opset']}"
+        f"{', simplified by onnxslim' if report['simplified'] else ''}, {report['seconds']:.1f} s",
+    ]
 
 
 def export_checkpoint(

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
+import onnx_graphsurgeon as gs
+from onnx import shape_inference, version_converter
+
+from fakd_deploy.deploy.onnx_meta import graph_to_model
 
 FP16_MAX = float(np.finfo(np.float16).max)
 QDQ_OPSET = 19
@@ -27,96 +30,71 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _accepts_fp16(node: onnx.NodeProto, index: int, opset: int) -> bool:
+def _accepts_fp16(node: gs.Node, index: int, opset: int) -> bool:
     """Whether the schema lets input `index` of `node` be float16."""
-    if node.domain not in ("", "ai.onnx"):
+    domain = node.domain or ""
+    if domain not in ("", "ai.onnx"):
         raise ValueError(
-            f"cannot convert node {node.name or node.op_type} of domain "
-            f"'{node.domain}' to FP16: its types are unknown"
+            f"cannot convert node {node.name or node.op} of domain '{domain}' to FP16: its types are unknown"
         )
-    schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    schema = onnx.defs.get_schema(node.op, opset, domain)
     formal = schema.inputs[min(index, len(schema.inputs) - 1)]
     constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     return FLOAT16_TYPE in constraints.get(formal.type_str, {formal.type_str})
 
 
-def _float_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+def _uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
+    return [(node, i) for node in tensor.outputs for i, used in enumerate(node.inputs) if used is tensor]
 
 
-def _to_half(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-    values = np.clip(numpy_helper.to_array(tensor), -FP16_MAX, FP16_MAX).astype(np.float16)
-    return numpy_helper.from_array(values, name)
+def _half(values: np.ndarray) -> np.ndarray:
+    return np.clip(values, -FP16_MAX, FP16_MAX).astype(np.float16)
 
 
-def _convert_constants(graph: onnx.GraphProto, opset: int) -> None:
+def _convert_constants(graph: gs.Graph, opset: int) -> None:
     """FP16 for every float initializer, Constant and Cast that feeds an FP16-capable input."""
-    floats = _float_initializers(graph)
-    slots: dict[str, set[bool]] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name:
-                slots.setdefault(name, set()).add(_accepts_fp16(node, index, opset))
-    for name, tensor in floats.items():
-        kinds = slots.get(name, set())
-        if kinds == {True}:
-            tensor.CopyFrom(_to_half(tensor, name))
-        elif kinds == {True, False}:  # used both ways: an FP16 twin for the FP16 inputs
-            graph.initializer.append(_to_half(tensor, f"{name}_fp16"))
-            for node in graph.node:
-                for index, used in enumerate(node.input):
-                    if used == name and _accepts_fp16(node, index, opset):
-                        node.input[index] = f"{name}_fp16"
-    for node in graph.node:
-        if not node.output or slots.get(node.output[0], {True}) != {True}:
+    for tensor in list(graph.tensors().values()):
+        if not (isinstance(tensor, gs.Constant) and tensor.dtype == np.float32):
             continue
-        for attribute in node.attribute:
-            if (
-                node.op_type == "Constant"
-                and attribute.name == "value"
-                and attribute.t.data_type == TensorProto.FLOAT
-            ):
-                attribute.t.CopyFrom(_to_half(attribute.t, attribute.t.name))
-            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
-                attribute.i = TensorProto.FLOAT16
+        uses = _uses(tensor)
+        half = [(node, i) for node, i in uses if _accepts_fp16(node, i, opset)]
+        if half and len(half) == len(uses):
+            tensor.values = _half(tensor.values)
+        elif half:  # used both ways: an FP16 twin for the FP16 inputs
+            twin = gs.Constant(f"{tensor.name}_fp16", _half(tensor.values))
+            for node, i in half:
+                node.inputs[i] = twin
+    for node in graph.nodes:
+        uses = _uses(node.outputs[0]) if node.outputs else []
+        if not uses or not all(_accepts_fp16(user, i, opset) for user, i in uses):
+            continue
+        value = node.attrs.get("value")
+        if node.op == "Constant" and isinstance(value, gs.Constant) and value.dtype == np.float32:
+            node.attrs["value"] = gs.Constant(value.name, _half(value.values))
+        if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT:
+            node.attrs["to"] = onnx.TensorProto.FLOAT16
 
 
-def _rename_use(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name == old:
-                node.input[index] = new
-
-
-def _keep_float_io(graph: onnx.GraphProto) -> None:
+def _keep_float_io(graph: gs.Graph) -> None:
     """A Cast to FP16 after each float input and a Cast to FP32 before each float output."""
-    casts_in = []
-    for value in graph.input:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            _rename_use(graph, value.name, f"{value.name}_fp16")
-            casts_in.append(
-                helper.make_node(
-                    "Cast",
-                    [value.name],
-                    [f"{value.name}_fp16"],
-                    name=f"{value.name}_to_fp16",
-                    to=TensorProto.FLOAT16,
-                )
+    for value in graph.inputs:
+        if value.dtype == np.float32:
+            half = gs.Variable(f"{value.name}_fp16", dtype=np.float16)
+            for node, i in _uses(value):
+                node.inputs[i] = half
+            graph.nodes.insert(
+                0, gs.Node("Cast", f"{value.name}_to_fp16", {"to": onnx.TensorProto.FLOAT16}, [value], [half])
             )
-    for value in graph.output:
-        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = f"{value.name}_fp16"
-        for node in graph.node:
-            for index, name in enumerate(node.output):
-                if name == value.name:
-                    node.output[index] = half
-        _rename_use(graph, value.name, half)
-        graph.node.append(
-            helper.make_node("Cast", [half], [value.name], name=f"{value.name}_to_fp32", to=TensorProto.FLOAT)
-        )
-    for index, cast in enumerate(casts_in):
-        graph.node.insert(index, cast)
+    for value in graph.outputs:
+        if value.dtype == np.float32 and value.inputs:
+            half = gs.Variable(f"{value.name}_fp16", dtype=np.float16)
+            producer = value.inputs[0]
+            producer.outputs[producer.outputs.index(value)] = half
+            for node, i in _uses(value):
+                node.inputs[i] = half
+            graph.nodes.append(
+                gs.Node("Cast", f"{value.name}_to_fp32", {"to": onnx.TensorProto.FLOAT}, [half], [value])
+            )
 
 
 def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> onnx.ModelProto:
@@ -125,20 +103,20 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> onnx.ModelPro
     Weights beyond the FP16 range are clipped to +-65504. Raises ValueError for nodes of
     custom domains, whose types cannot be read from a schema.
     """
-    converted = onnx.ModelProto()
-    converted.CopyFrom(model)
+    source = model
     if (
-        any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in converted.graph.node)
-        and _opset(converted) < QDQ_OPSET
+        any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+        and _opset(model) < QDQ_OPSET
     ):
-        converted = version_converter.convert_version(converted, QDQ_OPSET)
-    graph = converted.graph
-    _convert_constants(graph, _opset(converted))
+        source = version_converter.convert_version(model, QDQ_OPSET)
+    graph = gs.import_onnx(source)
+    _convert_constants(graph, _opset(source))
     if keep_io_types:
         _keep_float_io(graph)
     else:
-        for value in [*graph.input, *graph.output]:
-            if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-                value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del graph.value_info[:]
+        for value in [*graph.inputs, *graph.outputs]:
+            if value.dtype == np.float32:
+                value.dtype = np.float16
+    converted = graph_to_model(graph, source)
+    del converted.graph.value_info[:]  # the old types; inferred again below
     return shape_inference.infer_shapes(converted, check_type=True, strict_mode=True)

@@ -1,9 +1,11 @@
 """Timing and memory measurement for the benchmark, free of any model or backend code.
 
-Two latencies, as trtexec reports them: `measure_latency` times whole Predictor calls
-(host latency: host-to-device copy, compute, copy back; the call returns host memory, so
-it has finished when it returns), and `measure_gpu_compute` asks a `GpuTimed` predictor
-for CUDA-event timings of the compute alone. GPU memory is read with cuda-python's
+Two latencies, as trtexec reports them: `measure_latency` and `time_interleaved` time
+whole Predictor calls (host latency: host-to-device copy, compute, copy back; the call
+returns host memory, so it has finished when it returns), and `measure_gpu_compute` asks a
+`GpuTimed` predictor for CUDA-event timings of the compute alone. `time_interleaved` times
+several predictors in rounds, each once per round, so that load from elsewhere on a shared
+machine falls on all of them alike and shows as a spread between rounds. GPU memory is read with cuda-python's
 `cudaMemGetInfo`, so no framework has to be imported to measure a runtime.
 """
 
@@ -13,15 +15,17 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import numpy as np
 
 MIN_ITERS = 20
+Key = TypeVar("Key", bound=Hashable)
 
 
 def _rss_bytes() -> int:
@@ -107,6 +111,7 @@ def measure_latency(
     seconds: float = 3.0,
     iters: int | None = None,
     min_iters: int = MIN_ITERS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Milliseconds per call: time-based warm-up, then `iters` calls or `seconds` of calls.
 
@@ -114,15 +119,48 @@ def measure_latency(
     included) when it returns: no extra synchronisation is needed.
     """
     predictor(images)
-    warm_until = time.perf_counter() + warmup_s
-    while time.perf_counter() < warm_until:
+    warm_until = clock() + warmup_s
+    while clock() < warm_until:
         predictor(images)
     times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < iters if iters else len(times) < min_iters or time.perf_counter() < deadline:
-        start = time.perf_counter()
+    deadline = clock() + seconds
+    while len(times) < iters if iters else len(times) < min_iters or clock() < deadline:
+        start = clock()
         predictor(images)
-        times.append(1000 * (time.perf_counter() - start))
+        times.append(1000 * (clock() - start))
+    return times
+
+
+def time_interleaved(
+    predictors: dict[Key, Callable[[Any], Any]],
+    images: dict[Key, Any],
+    rounds: int = 5,
+    warmup_s: float = 1.0,
+    seconds: float = 3.0,
+    iters: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[Key, list[list[float]]]:
+    """Milliseconds per call of every predictor, per round.
+
+    Each predictor is warmed up once (`warmup_s`), then every round times each of them in
+    turn for `seconds / rounds` (or `iters / rounds` calls, at least `MIN_ITERS / rounds`),
+    after one untimed call that brings its caches back. The order rotates from round to
+    round, so no predictor always follows the same neighbour.
+    """
+    keys = list(predictors)
+    for key in keys:
+        measure_latency(predictors[key], images[key], warmup_s, 0.0, iters=1, clock=clock)
+    per_round_iters = math.ceil(iters / rounds) if iters else None
+    floor = math.ceil(MIN_ITERS / rounds)
+    times: dict[Key, list[list[float]]] = {key: [] for key in keys}
+    for number in range(rounds):
+        start = number % len(keys) if keys else 0
+        for key in keys[start:] + keys[:start]:
+            times[key].append(
+                measure_latency(
+                    predictors[key], images[key], 0.0, seconds / rounds, per_round_iters, floor, clock
+                )
+            )
     return times
 
 

@@ -68,6 +68,19 @@ def model_metadata(model: onnx.ModelProto, path: str | Path = "the model") -> di
     return {prop.key: _decode(prop.key, prop.value) for prop in model.metadata_props}
 
 
+def graph_to_model(graph: Any, original: onnx.ModelProto) -> onnx.ModelProto:
+    """An onnx-graphsurgeon graph edited from `original` back as a model: unused nodes and
+    constants removed, nodes in order, and `original`'s IR version and metadata kept."""
+    import onnx_graphsurgeon as gs
+
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model.ir_version = original.ir_version
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    return model
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded `metadata_props` of an ONNX file; the weights are not read."""
     return model_metadata(load_onnx(path, load_external_data=False), path)

@@ -1,41 +1,67 @@
 """Label PNGs and colour overlays from any model file, to see what the engine sees.
 
-Numpy and PIL only (torch is needed for a `.pt` checkpoint alone), so it runs on the
-edge device next to the engine.
+Masks are coloured with the model's dataset's own palette (`fakd_deploy.palette`), each
+overlay carries a legend of the classes present, and outputs are named by image, model and
+backend, so predictions of two backends sit side by side instead of overwriting each other.
+Nothing is written over an input. Numpy and PIL only (torch is needed for a `.pt`
+checkpoint alone), so it runs on the edge device next to the engine.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fakd_deploy.artifacts import Artifact
 from fakd_deploy.data.base import open_image
-from fakd_deploy.deploy.runtime import open_predictor
+from fakd_deploy.data.datasets import IMAGE_SUFFIXES
+from fakd_deploy.deploy.runtime import backend_for, open_predictor
 from fakd_deploy.errors import BadInput
+from fakd_deploy.palette import beside, legend, palette_for, present_classes
+from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import atomic_write
-
-
-def palette(count: int = 256) -> np.ndarray:
-    """The Pascal VOC colour map: fixed, and distinct for neighbouring class ids."""
-    colours = np.zeros((count, 3), dtype=np.uint8)
-    for index in range(count):
-        value, rgb = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        colours[index] = rgb
-    return colours
 
 
 def _save_png(image: Image.Image, path: Path) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def output_names(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
-    """(labels, overlay) paths per image: `<stem>.labels.png`, `<stem>.overlay.png` in `out_dir`.
+def image_files(paths: list[Path]) -> list[Path]:
+    """The images to predict: files as given, and the image files (regular files only) of
+    each folder, sorted by name."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not inside:
+                raise BadInput(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            files += inside
+        elif not path.exists():
+            raise BadInput(f"image not found: {path}{path_hint(path)}")
+        elif not path.is_file():
+            raise BadInput(f"{path} is not a regular file; give image files or folders of them")
+        else:
+            files.append(path)
+    return files
+
+
+def model_name(artifact: Artifact) -> str:
+    """How outputs name a model: a checkpoint by its variant and seed (or role), an exported
+    model or engine by its file name up to the first dot (kd.int8.onnx -> kd)."""
+    meta = artifact.metadata
+    if artifact.kind == "checkpoint" and meta.get("variant"):
+        seed = meta.get("seed")
+        return f"{meta['variant']}_s{seed}" if seed is not None else str(meta["variant"])
+    if artifact.kind == "checkpoint" and meta.get("role"):
+        return str(meta["role"])
+    return artifact.path.name.split(".")[0]
+
+
+def output_names(images: list[Path], out_dir: Path, tag: str) -> list[tuple[Path, Path]]:
+    """(labels, overlay) paths per image: `<stem>.<tag>.labels.png`, `<stem>.<tag>.overlay.png`.
 
     Two images with one stem would overwrite each other; that is refused up front.
     """
@@ -43,33 +69,22 @@ def output_names(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
     for image in images:
         if image.stem in stems:
             raise BadInput(
-                f"{stems[image.stem]} and {image} would both write {image.stem}.labels.png; "
+                f"{stems[image.stem]} and {image} would both write {image.stem}.{tag}.labels.png; "
                 "rename one or predict them into different --out folders"
             )
         stems[image.stem] = image
-    return [(out_dir / f"{stem}.labels.png", out_dir / f"{stem}.overlay.png") for stem in stems]
+    return [(out_dir / f"{stem}.{tag}.labels.png", out_dir / f"{stem}.{tag}.overlay.png") for stem in stems]
 
 
-def refuse_overwriting(inputs: list[Path], outputs: list[Path]) -> None:
-    """An output may never replace an input (an image, the model), whatever the names: the
-    same path, a path through a linked folder, a link or a hard link to the input."""
-
-    def identity(path: Path) -> tuple[int, int] | None:
-        try:
-            info = path.stat()
-        except OSError:
-            return None
-        return info.st_dev, info.st_ino
-
-    given = {path.resolve(): path for path in inputs}
-    files = {identity(path): path for path in inputs}
-    files.pop(None, None)
+def check_no_input_is_overwritten(outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse before anything runs when an output would replace one of the inputs (the same
+    file, through any name, link or hard link)."""
     for output in outputs:
-        found = given.get(output.resolve()) or files.get(identity(output))
-        if found is not None:
-            raise BadInput(
-                f"predicting would overwrite the input {found} (as {output}); choose another --out folder"
-            )
+        if not output.exists():
+            continue
+        for source in inputs:
+            if os.path.samefile(output, source):
+                raise BadInput(f"writing {output} would overwrite the input {source}; choose another --out")
 
 
 def predict(
@@ -80,19 +95,25 @@ def predict(
     device: str = "auto",
     threads: int | None = None,
     alpha: float = 0.5,
+    overlay: bool = True,
 ) -> list[Path]:
-    """Write `<stem>.labels.png` (class ids, palette-coloured) and `<stem>.overlay.png` per image.
-
-    Both have the size of the original image.
-    """
+    """Per image, `<stem>.<model>.<backend>.labels.png` (class ids in the dataset's palette,
+    at the image's size) and, with `overlay`, `<stem>.<model>.<backend>.overlay.png` (the
+    colours blended over the image, a legend of the classes present to its right)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} is a file; predictions go into a folder")
-    names = output_names(images, out_dir)
-    refuse_overwriting([model_path, *images], [path for pair in names for path in pair])
-    predictor, info = open_predictor(model_path, backend, device, threads)
-    colours = palette()
+    files = image_files(images)
+    artifact = Artifact.open(model_path)
+    runtime = "pytorch" if artifact.kind == "checkpoint" else backend_for(artifact, backend).name
+    names = output_names(files, out_dir, f"{model_name(artifact)}.{runtime}")
+    outputs = [path for pair in names for path in (pair if overlay else pair[:1])]
+    check_no_input_is_overwritten(outputs, [*files, model_path])
+    predictor, info = open_predictor(artifact, backend, device, threads)
+    data = (artifact.raw_recipe or {}).get("data")
+    dataset = data.get("name") if isinstance(data, dict) else None
+    colours = palette_for(dataset if isinstance(dataset, str) else None, 256)
     written = []
-    for image_path, (labels_path, overlay_path) in zip(images, names, strict=True):
+    for image_path, (labels_path, overlay_path) in zip(files, names, strict=True):
         image = open_image(image_path).convert("RGB")
         out = predictor(info.normalise(np.asarray(image))[None])
         labels = (out.argmax(1) if out.ndim == 4 else out)[0]
@@ -100,7 +121,9 @@ def predict(
             raise BadInput(f"class id {labels.max()} does not fit an 8-bit label PNG")
         label_png = Image.fromarray(labels.astype(np.uint8))  # "L"; the palette makes it "P"
         label_png.putpalette(colours.flatten().tolist())
-        overlay = Image.blend(image, Image.fromarray(colours[labels]), alpha)
         written.append(_save_png(label_png, labels_path))
-        written.append(_save_png(overlay, overlay_path))
+        if overlay:
+            blended = Image.blend(image, Image.fromarray(colours[labels]), alpha)
+            key = legend(present_classes(labels, colours, info.class_names))
+            written.append(_save_png(beside(blended, key), overlay_path))
     return written

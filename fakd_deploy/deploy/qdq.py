@@ -1,366 +1,258 @@
-"""TensorRT's rules for explicitly quantized (Q/DQ) ONNX models, and the graph edits that meet them.
+"""Where a TensorRT INT8 model gets Q/DQ, and the graph edits that finish it.
 
-`check_tensorrt_qdq` lists what TensorRT's ONNX parser rejects or would run differently
-from the ONNX semantics; `fusion_advice` lists placements TensorRT accepts but cannot
-fuse into INT8 kernels (slower, not wrong). Every INT8 model built for TensorRT is
-checked before any GPU is touched: an error is a `BuildError`, advice is printed.
+`tensorrt_placement` decides which nodes' inputs are quantized, by NVIDIA Model Optimizer's
+rules for TensorRT (modelopt/onnx/quantization/int8.py `_find_nodes_to_quantize`,
+partitioning.py, graph_utils.py, 0.47), ported for the operators a segmenter has:
 
-Sources: TensorRT developer guide, "Working with Quantized Types" (explicit
-quantization, Q/DQ layer-placement recommendations); the TensorRT operator reference
-for Quantize/Dequantize ("the scale tensor must be a build-time constant", "zero_point
-must only contain zero-valued coefficients"); onnx-tensorrt's `QuantDequantLinearHelper`
-in onnxOpImporters.cpp (UINT8 refused, "Scale coefficients must all be positive",
-"Activations-quantization does not support per-axis quantization", the number of scales
-equal to the output channels); NVIDIA Model Optimizer's ONNX PTQ for TensorRT
-(modelopt/onnx/quantization/ort_utils.py `configure_ort`: `QuantizeBias: False`, inputs
-quantized, outputs not; graph_utils.py `build_non_residual_input_map`: the residual
-input of an Add is quantized, the convolution's own output is not).
+- **Conv groups**: a Conv (Gemm, MatMul) and what TensorRT fuses after it (BatchNorm, Relu,
+  MaxPool, pointwise ops on its output alone, the main-branch Add of a residual block) form
+  one partition. The Conv's inputs are quantized; of the residual Add only the skip input.
+  The classifier Conv is a Conv like the others; the graph output stays float.
+- **Pooling** (MaxPool, AveragePool, GlobalAveragePool) outside a partition is quantized
+  when a neighbour is.
+- **Other INT8-capable ops** outside partitions: HardSwish, a Mul of two computed tensors
+  (the gate of a squeeze-excite block), Resize, Add, Clip... (Model Optimizer's
+  quantizable op types, `QUANTIZABLE`); pointwise ops with a constant operand are not.
+- **Small convolutions** TensorRT has no fast INT8 kernel for stay float (fewer than 16
+  input or output channels, unless the channel rules of `find_nodes_from_convs_to_exclude`
+  allow them).
 
-| rule | level | what it refuses |
-|---|---|---|
-| `int8` | error | a quantized type other than INT8 (UINT8, INT32 bias, INT16...) |
-| `zero-point` | error | a zero point that is missing (ONNX then means UINT8) or not all zeros |
-| `scale` | error | a scale that is not a constant, or not finite and positive |
-| `per-tensor-activation` | error | more than one scale on an activation |
-| `weight-axis` | error | per-channel weight scales on another axis than the output channels |
-| `unpaired` | error | a QuantizeLinear whose output reaches anything but DequantizeLinear |
-| `float-output` | error | a graph output produced by QuantizeLinear or DequantizeLinear |
-| `residual-add` | perf | a residual Add whose skip input is float: the Add cannot fuse into the Conv |
-| `concat-scales` | perf | Concat inputs quantized with different scales: requantization |
-| `partial` | perf | a Conv/Gemm/MatMul with some inputs quantized and others float |
+ONNX Runtime's quantizer then inserts the Q/DQ pairs (with the options Model Optimizer
+passes it, see `quantize.py`); `drop_input_qdq` removes the pairs the rules keep float and
+`share_concat_scales` gives Concat inputs one scale. The checks live in `qdq_rules`.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import TypeGuard
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+import onnx_graphsurgeon as gs
 
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-QDQ = ("QuantizeLinear", "DequantizeLinear")
+from fakd_deploy.deploy.onnx_meta import graph_to_model
+from fakd_deploy.deploy.qdq_rules import (
+    COPY,
+    constant,
+    float_source,
+    fusible_backbone,
+    producer,
+    residual_main_inputs,
+)
 
-
-class Graph:
-    """Producers, consumers and constants of a model, looked up by tensor name."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.nodes = list(model.graph.node)
-        self.producer = {out: node for node in self.nodes for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.nodes:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        for node in self.nodes:
-            if node.op_type == "Constant":
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    self.constants[node.output[0]] = numpy_helper.to_array(value)
-        self.outputs = {output.name for output in model.graph.output}
-
-    def constant(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name)
-
-    def input_of(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-
-def _all_found(nodes: list[onnx.NodeProto | None]) -> TypeGuard[list[onnx.NodeProto]]:
-    """Whether every `Graph.input_of` lookup found its node (it gives None where not)."""
-    return all(nodes)
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return f"{node.op_type} '{node.name or node.output[0]}'"
-
-
-def _axis(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 1)
-
-
-def _quantized_dtype(graph: Graph, node: onnx.NodeProto) -> np.dtype | None:
-    """The integer type a Q produces or a DQ reads, from its zero point (None: none given)."""
-    zero_point = graph.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if zero_point is not None:
-        return zero_point.dtype
-    if node.op_type == "DequantizeLinear":
-        data = graph.constant(node.input[0])
-        return data.dtype if data is not None else None
-    output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
-    return onnx.helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else None
-
-
-def _check_types(graph: Graph, node: onnx.NodeProto) -> list[str]:
-    label = _label(node)
-    data = graph.constant(node.input[0]) if node.op_type == "DequantizeLinear" else None
-    if data is not None and data.dtype == np.int32:
-        return [
-            f"int8: {label} dequantizes an INT32 tensor '{node.input[0]}' (a quantized bias); "
-            "TensorRT accepts only activation types there: keep biases in float "
-            "(QuantizeBias=False)"
-        ]
-    dtype = _quantized_dtype(graph, node)
-    if dtype is None:
-        return [
-            f"zero-point: {label} has no zero point, which ONNX reads as UINT8 while TensorRT "
-            "computes INT8: give an INT8 zero point of 0"
-        ]
-    if dtype != np.int8:
-        return [
-            f"int8: {label} quantizes to {dtype.name.upper()}; TensorRT's explicit "
-            "quantization takes INT8 (symmetric, zero point 0), not the UINT8 form made for "
-            "ONNX Runtime on CPU"
-        ]
-    zero_point = graph.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if zero_point is not None and zero_point.any():
-        return [
-            f"zero-point: {label} has a non-zero zero point; TensorRT supports symmetric "
-            "quantization only (zero point 0)"
-        ]
-    return []
-
-
-def _weight_axis(consumer: onnx.NodeProto, index: int, rank: int) -> int | None:
-    """The output-channel axis of the weight at input `index` of `consumer` (None: not a weight)."""
-    if consumer.op_type in ("Conv", "ConvTranspose") and index == 1:
-        return 0 if consumer.op_type == "Conv" else 1
-    if consumer.op_type == "Gemm" and index == 1:
-        trans_b = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    if consumer.op_type == "MatMul" and index == 1:
-        return rank - 1
-    return None
-
-
-def _check_scale(graph: Graph, node: onnx.NodeProto) -> list[str]:
-    label = _label(node)
-    scale = graph.constant(node.input[1])
-    if scale is None:
-        return [
-            f"scale: {label} takes its scale from a computed tensor; TensorRT needs a build-time constant"
-        ]
-    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
-        return [f"scale: {label} has a scale that is not finite and positive (min {float(np.min(scale)):g})"]
-    if scale.size == 1:
-        return []
-    data_name = node.input[0] if node.op_type == "QuantizeLinear" else _dequantized_source(graph, node)
-    weight = graph.constant(data_name) if data_name else None
-    if weight is None:
-        return [
-            f"per-tensor-activation: {label} has {scale.size} scales on an activation; "
-            "TensorRT quantizes activations per tensor"
-        ]
-    axis = _axis(node) % weight.ndim
-    problems = []
-    for consumer, index in _weight_uses(graph, node):
-        expected = _weight_axis(consumer, index, weight.ndim)
-        if expected is not None and axis != expected:
-            problems.append(
-                f"weight-axis: {label} scales weight '{data_name}' of {_label(consumer)} "
-                f"per channel on axis {axis}; TensorRT wants the output-channel axis "
-                f"{expected}"
-            )
-    if weight.shape[axis] != scale.size:
-        problems.append(
-            f"scale: {label} has {scale.size} scales for {weight.shape[axis]} channels on axis {axis}"
-        )
-    return problems
-
-
-def _dequantized_source(graph: Graph, dq: onnx.NodeProto) -> str | None:
-    """The float or integer constant a DQ ultimately reads: its own input, or its Q's input."""
-    if graph.constant(dq.input[0]) is not None:
-        return dq.input[0]
-    q = graph.input_of(dq.input[0], "QuantizeLinear")
-    return q.input[0] if q is not None else None
-
-
-def _weight_uses(graph: Graph, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
-    """(consumer, input index) pairs that take the dequantized tensor of a Q or DQ node."""
-    dqs = (
-        [node]
-        if node.op_type == "DequantizeLinear"
-        else [c for c in graph.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# modelopt/onnx/op_types.py: is_unary_op and is_binary_op (fusible pointwise), is_pooling_or_window_op
+POINTWISE = frozenset(
+    (
+        "Neg", "Sqrt", "Abs", "Log", "Exp", "Not", "Cast", "Floor", "Ceil", "Round", "Erf", "Gelu", "Sin",
+        "Cos", "Atan", "Sign", "IsNaN", "IsInf", "LeakyRelu", "Elu", "Tanh", "Softmax", "Softplus",
+        "InstanceNormalization", "CumSum", "Add", "Sub", "Mul", "Pow", "Div", "Min", "Max", "Greater",
+        "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "BitwiseOr", "BitwiseAnd", "BitwiseXor",
+        "BitShift",
     )
-    return [
-        (consumer, index)
-        for dq in dqs
-        for consumer in graph.consumers.get(dq.output[0], [])
-        for index, name in enumerate(consumer.input)
-        if name == dq.output[0]
-    ]
+)  # fmt: skip
+POOLING = frozenset(
+    (
+        "AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "GlobalLpPool", "LpPool",
+    )
+)  # fmt: skip
+# Model Optimizer's default quantizable op types: ONNX Runtime's QDQ and QLinear registries
+# plus HardSwish, BatchNormalization, ConvTranspose, LayerNormalization and LRN, minus copy,
+# reduction and activation ops (ort_utils.py `configure_ort`, `get_quantizable_op_types`)
+QUANTIZABLE = frozenset(
+    (
+        "Add", "AveragePool", "BatchNormalization", "Clip", "Conv", "ConvTranspose", "CumSum", "Flatten",
+        "Gemm", "GlobalAveragePool", "HardSwish", "LRN", "LayerNormalization", "MatMul", "MaxPool", "Mul",
+        "Resize", "TopK",
+    )
+)  # fmt: skip
+# The ops whose output makes the next pointwise op worth quantizing (filter_quantizable_kgen_heads)
+FEEDS_QUANTIZED = frozenset(["AveragePool", "BatchNormalization", "GlobalAveragePool", "MaxPool", "Mul"])
 
 
-def _check_pairing(graph: Graph, node: onnx.NodeProto) -> list[str]:
-    label = _label(node)
-    if node.output[0] in graph.outputs:
-        return [
-            f"float-output: {label} produces the graph output '{node.output[0]}'; leave the "
-            "network output unquantized"
-        ]
-    if node.op_type == "QuantizeLinear":
-        others = [c for c in graph.consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
-        if others or not graph.consumers.get(node.output[0]):
-            return [
-                f"unpaired: {label} feeds {', '.join(_label(c) for c in others) or 'nothing'}; "
-                "every QuantizeLinear must be followed by DequantizeLinear"
-            ]
-    elif graph.constant(node.input[0]) is None and graph.input_of(node.input[0], "QuantizeLinear") is None:
-        return [
-            f"unpaired: {label} reads '{node.input[0]}', which is neither a QuantizeLinear output "
-            "nor a constant"
-        ]
-    return []
+def _variable_inputs(node: gs.Node) -> list[gs.Tensor]:
+    return [t for t in node.inputs if t.name and constant(t) is None]
 
 
-def check_tensorrt_qdq(model: onnx.ModelProto) -> list[str]:
-    """One line per rule TensorRT's parser or builder enforces and `model` breaks (empty: fine)."""
-    graph = Graph(model)
-    problems: list[str] = []
-    for node in graph.nodes:
-        if node.op_type in QDQ:
-            found = _check_types(graph, node)
-            problems += found or _check_scale(graph, node)
-            problems += _check_pairing(graph, node)
-    return problems
+def _children(node: gs.Node) -> list[gs.Node]:
+    return [consumer for out in node.outputs for consumer in out.outputs]
 
 
-def _ancestors(graph: Graph, name: str) -> dict[str, int]:
-    """Distance (in nodes) from tensor `name` up to every node that produced one of its ancestors."""
-    distance: dict[str, int] = {}
-    queue = deque([(name, 0)])
-    while queue:
-        tensor, depth = queue.popleft()
-        node = graph.producer.get(tensor)
-        if node is None or node.name in distance:
-            continue
-        distance[node.name] = depth
-        queue.extend((parent, depth + 1) for parent in node.input if parent)
-    return distance
+def _parents(node: gs.Node) -> list[gs.Node]:
+    return [p for t in _variable_inputs(node) if (p := producer(t)) is not None]
 
 
-def _float_source(graph: Graph, name: str) -> str:
-    """The float tensor behind a Q/DQ pair, or `name` itself."""
-    dq = graph.input_of(name, "DequantizeLinear")
-    q = graph.input_of(dq.input[0], "QuantizeLinear") if dq is not None else None
-    return q.input[0] if q is not None else name
+def _fusible_mul(node: gs.Node) -> bool:
+    """A Mul of two computed tensors fuses only as the Conv-Sigmoid-Mul of SiLU; the gate of a
+    squeeze-excite block (Mul of a HardSigmoid or Sigmoid output) does not (`_is_fusible_mul`)."""
+    inputs = _variable_inputs(node)
+    if len(inputs) <= 1:
+        return True
+    gates = [p for p in _parents(node) if p.op in ("Sigmoid", "HardSigmoid")]
+    silu = any(
+        (source := producer(gate.inputs[0])) is not None
+        and (source.op in ("Conv", "Add") or (source.op == "BatchNormalization" and fusible_backbone(source)))
+        for gate in gates
+        if gate.op == "Sigmoid"
+    )
+    return silu or not gates
 
 
-def residual_main_inputs(model: onnx.ModelProto) -> dict[str, int]:
-    """For each residual Add, the index of its main-branch input (the Conv it can fuse into).
-
-    An Add of two computed tensors where at least one comes straight from a Conv. When
-    both do (a downsampling shortcut), the main branch is the longer path from their
-    lowest common ancestor, as in NVIDIA Model Optimizer's `build_non_residual_input_map`.
-    """
-    graph = Graph(model)
-    mains: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op_type != "Add" or len(node.input) != 2:
-            continue
-        sources = [_float_source(graph, name) for name in node.input]
-        if any(graph.constant(s) is not None or s not in graph.producer for s in sources):
-            continue
-        convs = [graph.producer[s].op_type in ("Conv", "ConvTranspose") for s in sources]
-        if not any(convs):
-            continue
-        if convs[0] != convs[1]:
-            mains[node.name] = convs.index(True)
-            continue
-        first, second = (_ancestors(graph, s) for s in sources)
-        common = set(first) & set(second)
-        if not common:
-            continue
-        lowest = min(common, key=lambda name: first[name] + second[name])
-        mains[node.name] = 0 if first[lowest] >= second[lowest] else 1
-    return mains
+def _small_conv(node: gs.Node, graph_inputs: set[str]) -> bool:
+    """A Conv TensorRT has no fast INT8 kernel for (`find_nodes_from_convs_to_exclude`, int8)."""
+    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return True
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    if out_channels >= 16 and in_channels >= 16:
+        return False
+    group = node.attrs.get("group", 1)
+    kernel = list(node.attrs.get("kernel_shape", weight.shape[2:]))
+    if group == 1:
+        first = any(t.name in graph_inputs for t in node.inputs)
+        return not (
+            (out_channels % 8 == 0 or in_channels % 8 == 0)
+            and (first or out_channels >= 16 or in_channels >= 16)
+            and len(set(kernel)) == 1
+        )
+    return not (out_channels % 8 == 0 and all(k >= 3 for k in kernel))
 
 
-def fusion_advice(model: onnx.ModelProto) -> list[str]:
-    """Placements TensorRT accepts but runs slower than it could, each prefixed `perf:`."""
-    graph = Graph(model)
-    advice: list[str] = []
-    for name, main in residual_main_inputs(model).items():
-        node = next(n for n in graph.nodes if n.name == name)
-        skip = node.input[1 - main]
-        if graph.input_of(skip, "DequantizeLinear") is None:
-            advice.append(
-                f"perf: residual-add: {_label(node)} adds float '{skip}' to the Conv output; "
-                "quantize the residual input so TensorRT fuses the Add into the Conv"
+class _Partitions:
+    """Model Optimizer's fusible partitions: a root op and what TensorRT fuses after it."""
+
+    def __init__(self, residual: dict[str, int]) -> None:
+        self.residual = residual
+        self.taken: set[str] = set()
+
+    def grow(self, node: gs.Node, partition: list[gs.Node]) -> None:
+        if node.op == "Mul" and not _fusible_mul(node):
+            return
+        partition.append(node)
+        self.taken.add(node.name)
+        if node.name in self.residual:  # the Add closing a residual block ends the partition
+            return
+        outputs = {out.name for member in partition for out in member.outputs}
+        for child in _children(node):
+            if child.name in self.taken:
+                continue
+            inside = all(t.name in outputs for t in _variable_inputs(child))
+            on_main_branch = (
+                child.name in self.residual and child.inputs[self.residual[child.name]] is node.outputs[0]
             )
-    for node in graph.nodes:
-        dqs = [graph.input_of(name, "DequantizeLinear") for name in node.input]
-        if node.op_type == "Concat" and _all_found(dqs) and len(dqs) > 1:
-            scales = {
-                float(np.max(scale)) for dq in dqs if (scale := graph.constant(dq.input[1])) is not None
-            }
-            if len(scales) > 1:
-                advice.append(
-                    f"perf: concat-scales: {_label(node)} joins inputs with {len(scales)} "
-                    "different scales; one shared scale lets TensorRT concatenate in INT8"
-                )
-        if node.op_type in WEIGHTED and any(dqs[:2]) and not all(dqs[:2]):
-            advice.append(f"perf: partial: {_label(node)} has quantized and float inputs; it runs in float")
-    return advice
+            if (
+                ((child.op in COPY or child.op in POINTWISE) and inside)
+                or (child.op in ("BatchNormalization", "Relu", "MaxPool") and fusible_backbone(child))
+                or on_main_branch
+            ):
+                self.grow(child, partition)
+
+    def collect(self, nodes: Iterable[gs.Node], roots: Iterable[str]) -> list[list[gs.Node]]:
+        found = []
+        for node in nodes:
+            if node.name not in self.taken and node.op in roots:
+                partition: list[gs.Node] = []
+                self.grow(node, partition)
+                if partition:
+                    found.append(partition)
+        return found
 
 
-def drop_input_qdq(model: onnx.ModelProto, inputs: dict[str, int]) -> None:
-    """Feed input `index` of each named node from the float tensor behind its Q/DQ pair.
+def tensorrt_placement(model: onnx.ModelProto) -> tuple[list[str], dict[str, set[int]]]:
+    """The nodes whose inputs get Q/DQ, and for some of them the input indices that stay float."""
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    nodes = list(graph.nodes)
+    graph_inputs = {t.name for t in graph.inputs}
+    small = {n.name for n in nodes if n.op == "Conv" and _small_conv(n, graph_inputs)}
+    partitions = _Partitions(residual_main_inputs(graph))
+    partitions.taken |= small
+    conv_groups = partitions.collect(nodes, LINEAR)
+    pointwise_groups = partitions.collect(nodes, POINTWISE)
 
-    Q/DQ nodes left without consumers are removed with their scale and zero point.
+    quantize: list[gs.Node] = []
+    keep_float: dict[str, set[int]] = {}
+    in_groups = {member.name for group in conv_groups for member in group}
+    for group in conv_groups:
+        outputs = {out.name for member in group for out in member.outputs}
+        for member in group:
+            inputs = _variable_inputs(member)
+            inside = [i for i, t in enumerate(member.inputs) if t.name in outputs]
+            if any(t.name not in outputs for t in inputs):
+                quantize.append(member)
+                if inside:  # the residual Add: its skip input only
+                    keep_float.setdefault(member.name, set()).update(inside)
+
+    group_ends = {group[-1].outputs[0].name for group in conv_groups}
+    heads = [group[0] for group in pointwise_groups]
+    heads += [n for n in nodes if n.op in ("Resize", "Upsample") and n.inputs[0].name in group_ends]
+    for head in heads:
+        if head.op not in QUANTIZABLE or any(constant(t) is not None for t in head.inputs if t.name):
+            continue
+        feeding = [p.name in in_groups or p.op in FEEDS_QUANTIZED for p in _parents(head)]
+        if any(feeding):
+            quantize.append(head)
+            if head.op == "Add":  # an input from elsewhere stays float unless quantized anyway
+                lonely = [i for i, fed in enumerate(feeding) if not fed and len(head.inputs[i].outputs) == 1]
+                keep_float.setdefault(head.name, set()).update(lonely)
+
+    chosen = {n.name for n in quantize}
+    pooling = []
+    for node in nodes:
+        if node.name in partitions.taken or node.op not in QUANTIZABLE:
+            continue
+        if node.op in POOLING:
+            pooling.append(node)
+        elif not (node.op in POINTWISE and any(constant(t) is not None for t in node.inputs if t.name)):
+            quantize.append(node)
+            chosen.add(node.name)
+    quantize += [p for p in pooling if any(n.name in chosen for n in _children(p) + _parents(p))]
+
+    by_name = {n.name: n for n in nodes}
+    for name in small:  # their inputs stay float even where a quantized neighbour shares them
+        keep_float[name] = set(range(len(by_name[name].inputs)))
+    # An Add keeping one input float keeps float any other input that a float consumer reads too
+    # (remove_partial_input_qdq: no Q/DQ on one branch of a residual whose other branch is float)
+    floats = {by_name[name].inputs[i].name for name, kept in keep_float.items() for i in kept}
+    for name, kept in keep_float.items():
+        if by_name[name].op == "Add" and kept:
+            kept.update(i for i, t in enumerate(by_name[name].inputs) if t.name in floats)
+    outputs = {t.name for t in graph.outputs}
+    skipped = {n.name for n in nodes if n.op not in LINEAR and any(o.name in outputs for o in n.outputs)}
+    skipped -= set(keep_float)
+    skipped |= {  # every input kept float: nothing left to quantize
+        name for name, kept in keep_float.items() if kept >= set(range(len(by_name[name].inputs)))
+    }
+    names = list(dict.fromkeys(n.name for n in quantize if n.name not in skipped))
+    return names, keep_float
+
+
+def drop_input_qdq(model: onnx.ModelProto, inputs: dict[str, set[int]]) -> onnx.ModelProto:
+    """Feed the listed inputs of each named node from the float tensor behind its Q/DQ pair.
+
+    Q/DQ nodes left without consumers are removed with their scales and zero points.
     """
-    graph = Graph(model)
+    graph = gs.import_onnx(model)
     for node in graph.nodes:
-        if node.name in inputs:
-            index = inputs[node.name]
-            node.input[index] = _float_source(graph, node.input[index])
-    _prune(model)
+        for index in inputs.get(node.name, ()):
+            if index < len(node.inputs):
+                node.inputs[index] = float_source(node.inputs[index])
+    return graph_to_model(graph, model)
 
 
-def _prune(model: onnx.ModelProto) -> None:
-    while True:
-        graph = Graph(model)
-        dead = [
-            n
-            for n in graph.nodes
-            if n.op_type in QDQ and n.output[0] not in graph.outputs and not graph.consumers.get(n.output[0])
-        ]
-        if not dead:
-            break
-        for node in dead:
-            model.graph.node.remove(node)
-    used = {name for node in model.graph.node for name in node.input}
-    for tensor in [t for t in model.graph.initializer if t.name not in used]:
-        model.graph.initializer.remove(tensor)
-
-
-def share_concat_scales(model: onnx.ModelProto) -> None:
+def share_concat_scales(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give the quantized inputs of each Concat one scale, the largest, so no range is clipped."""
-    graph = Graph(model)
-    initializers = {t.name: t for t in model.graph.initializer}
+    graph = gs.import_onnx(model)
     for node in graph.nodes:
-        dqs = [graph.input_of(name, "DequantizeLinear") for name in node.input]
-        if node.op_type != "Concat" or len(dqs) < 2 or not _all_found(dqs):
+        dqs = [producer(tensor, "DequantizeLinear") for tensor in node.inputs]
+        if node.op != "Concat" or len(dqs) < 2 or not all(dqs):
             continue
-        names = set()
-        for dq in dqs:
-            names.add(dq.input[1])
-            q = graph.input_of(dq.input[0], "QuantizeLinear")
-            if q is not None:
-                names.add(q.input[1])
-        if not all(
-            name in initializers
-            and initializers[name].data_type == TensorProto.FLOAT
-            and graph.constants[name].size == 1
-            for name in names
-        ):
-            continue
-        shared = max(float(graph.constants[name]) for name in names)
-        for name in names:
-            value = np.asarray(shared, dtype=np.float32).reshape(graph.constants[name].shape)
-            initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+        scales = [dq.inputs[1] for dq in dqs if dq is not None]
+        scales += [
+            q.inputs[1] for dq in dqs if dq is not None and (q := producer(dq.inputs[0], "QuantizeLinear"))
+        ]
+        if all(isinstance(s, gs.Constant) and s.values.size == 1 and s.dtype == np.float32 for s in scales):
+            shared = max(float(np.asarray(s.values)) for s in scales)
+            for scale in scales:
+                scale.values = np.full(scale.shape, shared, dtype=np.float32)
+    return graph_to_model(graph, model)

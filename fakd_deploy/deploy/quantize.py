@@ -10,13 +10,14 @@ float: INT8 logits would be rounded to 256 levels before the argmax picks a clas
   on x86 than symmetric INT8, where every ReLU stays a float op between Q/DQ pairs.
   TensorRT cannot use this model (see `qdq.check_tensorrt_qdq`).
 - `quantize_tensorrt_int8` (`X.qdq.onnx`, backends trt-int8 and ort-trt-int8): the form
-  TensorRT's explicit quantization takes, with the options NVIDIA Model Optimizer passes to
-  this same quantizer (modelopt/onnx/quantization/ort_utils.py `configure_ort`): symmetric
-  INT8, zero point 0, `QuantizeBias: False` (onnx-tensorrt rejects a DequantizeLinear of an
-  INT32 bias), Q/DQ on the inputs of Conv/Gemm/MatMul and never on outputs, per-channel
-  weights on the output-channel axis. Residual Adds keep a Q/DQ on the skip input only, so
-  TensorRT can fuse the Add into the Conv; Concat inputs that are quantized share a scale.
-  Model Optimizer itself is not used: it requires torch and onnxruntime-gpu.
+  TensorRT's explicit quantization takes, placed by NVIDIA Model Optimizer's rules
+  (`qdq.tensorrt_placement`) and made with the options Model Optimizer passes to this same
+  quantizer (modelopt/onnx/quantization/ort_utils.py `configure_ort`): symmetric INT8, zero
+  point 0, `QuantizeBias: False` (onnx-tensorrt rejects a DequantizeLinear of an INT32
+  bias), Q/DQ on inputs and never on outputs, per-channel weights on the output-channel
+  axis. Residual Adds keep a Q/DQ on the skip input only, so TensorRT can fuse the Add into
+  the Conv; Concat inputs that are quantized share a scale. `deploy.quantizer: modelopt`
+  runs Model Optimizer itself instead (`modelopt_int8.py`), where it is installed.
 
 No `quant_pre_process`: the exported graph is already folded by onnxslim, and the
 pre-processing changed neither the graph nor the speed while adding seconds.
@@ -24,7 +25,8 @@ pre-processing changed neither the graph nor the speed while adding seconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +40,16 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from fakd_deploy.artifacts import ModelInfo
 from fakd_deploy.data.preprocess import resize_bilinear
+from fakd_deploy.deploy.inputs import input_geometry, model_input
 from fakd_deploy.deploy.onnx_meta import load_onnx, model_metadata, write_metadata
-from fakd_deploy.deploy.qdq import (
-    WEIGHTED,
-    check_tensorrt_qdq,
-    drop_input_qdq,
-    residual_main_inputs,
-    share_concat_scales,
-)
+from fakd_deploy.deploy.qdq import drop_input_qdq, share_concat_scales, tensorrt_placement
+from fakd_deploy.deploy.qdq_rules import check_tensorrt_qdq, fusion_advice
 from fakd_deploy.errors import BadInput, BuildError
 from fakd_deploy.utils import SCRATCH, atomic_write, file_sha256, temporary_files_in
+
+log = logging.getLogger(__name__)
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -109,12 +110,6 @@ def tail_nodes(model: onnx.ModelProto) -> list[str]:
     return tail
 
 
-def _input_shape(model: onnx.ModelProto) -> tuple[int | None, tuple[int, int]]:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    batch = dims[0].dim_value or None
-    return batch, (dims[2].dim_value, dims[3].dim_value)
-
-
 def _name_nodes(model: onnx.ModelProto) -> None:
     """Exclusion lists refer to node names; give unnamed nodes one."""
     for index, node in enumerate(model.graph.node):
@@ -129,15 +124,18 @@ def _quantize(
     method: str,
     flavour: str,
     options: dict[str, Any],
-    finish: Any = None,
+    finish: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
 ) -> Path:
     """Calibrate, quantize, post-process (`finish(model)`) and annotate; the file appears whole."""
     if method not in METHODS:
         raise BadInput(f"calibration method '{method}' is not one of: {', '.join(METHODS)}")
     model = load_onnx(onnx_path)
     _name_nodes(model)
-    batch, size = _input_shape(model)
-    feeds = calibration_feeds(calib_images, size, batch)
+    batch, size = input_geometry(model)
+    info = ModelInfo.from_metadata(model_metadata(model), size, onnx_path)
+    feeds = [
+        model_input(feed, info.input, info.normalise) for feed in calibration_feeds(calib_images, size, batch)
+    ]
     metadata: dict[str, Any] = {
         **model_metadata(model),
         "precision": "int8",
@@ -167,7 +165,7 @@ def _quantize(
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(kept)
         if finish is not None:
-            finish(quantized)
+            quantized = finish(quantized)
         write_metadata(quantized, metadata)
         onnx.save_model(quantized, str(tmp))
 
@@ -192,15 +190,16 @@ def quantize_ort_int8(
     return _quantize(Path(onnx_path), Path(out), calib_images, method, "uint8-asymmetric", options)
 
 
-def tensorrt_nodes_to_quantize(model: onnx.ModelProto, exclude: list[str] | None = None) -> list[str]:
-    """Weighted layers (their inputs get Q/DQ) and residual Adds, minus the float tail."""
-    skip = set(tail_nodes(model)) | set(exclude or [])
-    residual = residual_main_inputs(model)
-    return [
-        node.name
-        for node in model.graph.node
-        if node.name not in skip and (node.op_type in WEIGHTED or node.name in residual)
-    ]
+def check_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`BuildError` when the model breaks a TensorRT rule; placements TensorRT cannot fuse are logged."""
+    problems = check_tensorrt_qdq(model)
+    if problems:
+        raise BuildError(
+            f"the INT8 model for TensorRT breaks {len(problems)} rule(s): " + "; ".join(problems)
+        )
+    for advice in fusion_advice(model):
+        log.warning("%s", advice)
+    return model
 
 
 def quantize_tensorrt_int8(
@@ -213,11 +212,19 @@ def quantize_tensorrt_int8(
     """TensorRT-conformant INT8 QDQ model (`X.qdq.onnx`); `BuildError` if a TensorRT rule fails."""
     model = load_onnx(onnx_path, load_external_data=False)
     _name_nodes(model)
-    residual = residual_main_inputs(model)
+    nodes, keep_float = tensorrt_placement(model)
+    nodes = [name for name in nodes if name not in set(exclude or [])]
+    if not nodes:
+        raise BuildError(
+            f"no layer of {onnx_path} gets INT8 by TensorRT's placement rules (convolutions with "
+            "fewer than 16 channels have no fast INT8 kernel); an INT8 engine would run it in FP16: "
+            "build trt-fp16 instead"
+        )
+    by_name = {node.name: node.op_type for node in model.graph.node}
     options = {
         "activation_type": QuantType.QInt8,
-        "op_types_to_quantize": [*WEIGHTED, "Add"],
-        "nodes_to_quantize": tensorrt_nodes_to_quantize(model, exclude),
+        "op_types_to_quantize": sorted({by_name[name] for name in nodes}),
+        "nodes_to_quantize": nodes,
         "extra_options": {
             "ActivationSymmetric": True,
             "WeightSymmetric": True,
@@ -225,18 +232,12 @@ def quantize_tensorrt_int8(
             "AddQDQPairToWeight": True,
             "DedicatedQDQPair": False,
             "ForceQuantizeNoInputCheck": True,
-            "OpTypesToExcludeOutputQuantization": sorted({n.op_type for n in model.graph.node}),
+            "OpTypesToExcludeOutputQuantization": sorted(set(by_name.values())),
             "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
         },
     }
 
-    def finish(quantized: onnx.ModelProto) -> None:
-        drop_input_qdq(quantized, residual)
-        share_concat_scales(quantized)
-        problems = check_tensorrt_qdq(quantized)
-        if problems:
-            raise BuildError(
-                f"the INT8 model for TensorRT breaks {len(problems)} rule(s): " + "; ".join(problems)
-            )
+    def finish(quantized: onnx.ModelProto) -> onnx.ModelProto:
+        return check_for_tensorrt(share_concat_scales(drop_input_qdq(quantized, keep_float)))
 
     return _quantize(Path(onnx_path), Path(out), calib_images, method, "int8-symmetric", options, finish)

@@ -1,7 +1,9 @@
-"""The benchmark as a table on screen and as report.{json,csv,md,png} beside the models.
+"""The benchmark as a table on screen and as report.{json,csv,md,png,html} beside the models.
 
-The plot needs matplotlib, which the deploy-only install may lack: then report.png is
-left out (with a note) and the other three files are written as usual.
+The plots need matplotlib, which the deploy-only install may lack: then the PNG figures are
+left out (with a note) and the other files are written as usual. Every mark a reader needs
+is in the table itself, not only in a picture: the reference row of each model, the Pareto
+rows, the picked row and the warnings.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any
 
 from rich.table import Table
 
+from fakd_deploy.deploy.pick import pareto_front
+from fakd_deploy.deploy.report_html import Page, to_html
 from fakd_deploy.deploy.rows import BenchReport, BenchRow
+from fakd_deploy.figures import confusion_figure, has_matplotlib, png_bytes
 from fakd_deploy.utils import atomic_write, save_json, save_text
 
 log = logging.getLogger(__name__)
@@ -27,10 +32,12 @@ COLUMNS = [
     ("device", "device"),
     ("miou", "mIoU"),
     ("delta_miou", "ΔmIoU"),
+    ("delta_teacher", "vs teacher"),
     ("passed", "pass"),
     ("latency_p50_ms", "p50 ms"),
     ("latency_p90_ms", "p90 ms"),
     ("latency_p99_ms", "p99 ms"),
+    ("latency_spread", "spread %"),
     ("gpu_p50_ms", "GPU p50 ms"),
     ("speedup", "× ref"),
     ("fps", "FPS"),
@@ -38,31 +45,59 @@ COLUMNS = [
     ("size_mb", "size MB"),
     ("peak_mem_mb", "peak mem MB"),
     ("status", "status"),
+    ("notes", "notes"),
 ]
 CSV_KEYS = [key for key, _ in COLUMNS] + [
     "latency_mean_ms",
     "gpu_mean_ms",
     "runtime",
     "reference",
+    "fault",
+    "file",
     "artifact",
     "error",
 ]
 # The screen shows fewer columns than the files; device and versions are in the title.
-SCREEN_SKIP = {"device", "peak_mem_mb"}
-TEXT_COLUMNS = {"model", "backend", "precision", "device", "status"}
+SCREEN_SKIP = {"device", "peak_mem_mb", "fps", "latency_p90_ms", "passed"}
+TEXT_COLUMNS = {"model", "backend", "precision", "device", "status", "notes"}
+IMAGES = {"png": "report.png", "confusion": "report.confusion.png", "compare": "report.compare.png"}
+
+
+def notes(row: BenchRow) -> str:
+    """The marks a row carries: reference, Pareto front, picked, and its warnings in short."""
+    marks = []
+    if row.picked:
+        marks.append("★ picked")
+    if row.is_reference:
+        marks.append("ref")
+    if row.pareto:
+        marks.append("Pareto")
+    if any(w.startswith("unstable") for w in row.warnings):
+        marks.append("⚠ unstable")
+    if any(w.startswith("INT8 is no faster") for w in row.warnings):
+        marks.append("⚠ INT8 not faster")
+    return ", ".join(marks)
+
+
+def status_text(row: BenchRow) -> str:
+    return row.status.value + (f" ({row.fault})" if row.fault else "")
 
 
 def flat(row: BenchRow) -> dict[str, Any]:
     """A row with the latency percentiles as plain columns, for CSV and tables."""
-    out = {key: value for key, value in row.to_dict().items() if key not in ("latency_ms", "gpu_compute_ms")}
+    skip = ("latency_ms", "gpu_compute_ms", "per_class_iou", "confusion", "warnings", "placement")
+    out = {key: value for key, value in row.to_dict().items() if key not in skip}
     for prefix, stats in (("latency", row.latency_ms), ("gpu", row.gpu_compute_ms)):
         for name in ("mean", "p50", "p90", "p99"):
             out[f"{prefix}_{name}_ms"] = getattr(stats, name) if stats else None
+    out["latency_spread"] = row.latency_ms.spread if row.latency_ms else None
+    out["status"] = status_text(row)
+    out["notes"] = notes(row)
     return out
 
 
 def _cell(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "NO"
@@ -71,29 +106,29 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def pareto_front(rows: list[BenchRow]) -> list[int]:
-    """Indices of ok rows that no other ok row beats on both latency (p50) and mIoU."""
-    points = [
-        (i, row.latency_ms.p50, row.miou)
-        for i, row in enumerate(rows)
-        if row.ok and row.latency_ms is not None and row.miou is not None
-    ]
-    return [
-        i
-        for i, lat, miou in points
-        if not any(l2 <= lat and m2 >= miou and (l2, m2) != (lat, miou) for _, l2, m2 in points)
-    ]
-
-
 def _title(header: dict[str, Any]) -> str:
     versions = header.get("versions", {})
     size = header.get("input_size")
     return (
         f"{header.get('dataset')} {header.get('split', 'val')} ({header.get('val_images')} images"
-        f"{f', {size[0]}x{size[1]}' if size else ''}) | CPU {header.get('cpu')}, "
-        f"{header.get('threads')} threads | GPU {header.get('gpu') or 'none'} | torch "
-        f"{versions.get('torch')}, onnxruntime {versions.get('onnxruntime')}, TensorRT "
-        f"{versions.get('tensorrt')}"
+        f"{f', input {size[0]}x{size[1]}' if size else ''}) | CPU {header.get('cpu')}, "
+        f"{header.get('threads')} threads | GPU {header.get('gpu') or 'none'} | batch "
+        f"{header.get('batch')} | torch {versions.get('torch')}, onnxruntime "
+        f"{versions.get('onnxruntime')}, TensorRT {versions.get('tensorrt')}"
+    )
+
+
+def legend_line(header: dict[str, Any]) -> str:
+    """What the columns and marks mean, in one paragraph."""
+    return (
+        "Latency is host latency (one call at batch 1, copies and pre/post-processing "
+        f"included), timed in {header.get('rounds', 1)} interleaved rounds; spread is the range "
+        "of the per-round medians over the median (⚠ unstable above "
+        f"{header.get('max_spread', 10):g} %). GPU p50 is GPU compute time (CUDA events, inputs "
+        "on the device). × ref is the p50 speed-up over the row marked `ref`: each model's "
+        "PyTorch row (its ONNX Runtime CPU FP32 row where there is none); ΔmIoU is against the "
+        "same row; vs teacher is the mIoU gap to the teacher. Pareto: no other row is both "
+        "faster and more accurate."
     )
 
 
@@ -103,23 +138,80 @@ def report_table(result: BenchReport) -> Table:
     columns = [
         (key, title)
         for key, title in COLUMNS
-        if key not in SCREEN_SKIP and any(row.get(key) is not None for row in rows)
+        if key not in SCREEN_SKIP and any(row.get(key) not in (None, "") for row in rows)
     ]
-    table = Table(title=_title(result.header))
+    table = Table(title=_title(result.header), caption="× ref: p50 speed-up over the row marked ref")
     for key, title in columns:
         table.add_column(
             title,
             no_wrap=key in {"model", "backend", "precision"},
             justify="left" if key in TEXT_COLUMNS else "right",
         )
-    for row in rows:
-        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+    for row, values in zip(result.rows, rows, strict=True):
+        style = "bold" if row.picked else "yellow" if row.warnings else "dim" if not row.ok else ""
+        table.add_row(*(_cell(values.get(key)) for key, _ in columns), style=style)
     return table
 
 
 def row_errors(result: BenchReport) -> list[str]:
-    """One line per row that did not run, with why."""
-    return [f"{row.model} {row.backend}: {row.error}" for row in result.rows if row.error]
+    """One line per row that did not run, with why and whose fault it was."""
+    return [f"{row.label}: {status_text(row)}: {row.error}" for row in result.rows if row.error]
+
+
+def class_deltas(result: BenchReport) -> list[tuple[BenchRow, BenchRow, list[float | None]]]:
+    """(row, its reference, per-class IoU change) for every ok row that is not a reference."""
+    by_key = {(r.model, r.backend): r for r in result.rows}
+    out = []
+    for row in result.rows:
+        base = by_key.get((row.model, row.reference or ""))
+        if row.timed and not row.is_reference and base and base.per_class_iou and row.per_class_iou:
+            deltas = [
+                None if a is None or b is None else round(a - b, 2)
+                for a, b in zip(row.per_class_iou, base.per_class_iou, strict=True)
+            ]
+            out.append((row, base, deltas))
+    return out
+
+
+def class_names(result: BenchReport, count: int) -> list[str]:
+    names = result.header.get("class_names") or []
+    return [str(n) for n in names] if len(names) == count else [str(i) for i in range(count)]
+
+
+def class_delta_table(result: BenchReport, limit: int = 10) -> Table | None:
+    """The classes whose IoU moves most between a model's backends, worst first."""
+    deltas = class_deltas(result)
+    if not deltas:
+        return None
+    names = class_names(result, len(deltas[0][2]))
+
+    def largest_drop(c: int) -> float:
+        return min([v for _, _, d in deltas if (v := d[c]) is not None], default=0.0)
+
+    worst = sorted(range(len(names)), key=largest_drop)[:limit]
+    table = Table(title=f"per-class IoU change against each model's ref row (the {len(worst)} largest drops)")
+    table.add_column("class")
+    for row, base, _ in deltas:
+        table.add_column(f"{row.label} vs {base.backend}", justify="right")
+    for c in worst:
+        table.add_row(names[c], *(_cell(d[c]) for _, _, d in deltas))
+    return table
+
+
+def summary_lines(result: BenchReport) -> list[str]:
+    """What a person must not miss, after the table: the pick and every warning."""
+    lines = [f"warning: {w}" for w in result.warnings]
+    choice = result.choice
+    for record in [choice, *(choice or {}).get("other_devices", [])] if choice else []:
+        lines.append(
+            f"picked for {record['device']}: {record['model']} {record['backend']} "
+            f"({record['file']}), mIoU {record['miou']:.2f}, p50 {record['latency_ms']['p50']:.3g} ms: "
+            f"{record['why']}"
+        )
+        runner = record.get("runner_up")
+        if runner:
+            lines.append(f"  runner-up {runner['model']} {runner['backend']}: {runner['why_it_lost']}")
+    return lines
 
 
 def to_csv(result: BenchReport) -> str:
@@ -130,28 +222,51 @@ def to_csv(result: BenchReport) -> str:
     return buffer.getvalue()
 
 
-def to_markdown(result: BenchReport) -> str:
+def _md_table(titles: list[str], right: list[bool], lines: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(titles) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    return out + ["| " + " | ".join(line) + " |" for line in lines]
+
+
+def to_markdown(result: BenchReport, images: dict[str, str] | None = None) -> str:
+    """report.md: the table with its marks, the pick, the warnings, per-class deltas, figures."""
     header = result.header
     lines = [
         f"# Benchmark: {header.get('run')}",
         "",
-        f"{_title(header)}",
+        _title(header),
         "",
-        f"Measured {header.get('date')}; batch {header.get('batch')}; evaluation "
-        f"{header.get('eval_mode')}. Latency is host latency (one call, copies and pre/post-"
-        "processing included); GPU p50 is GPU compute time (CUDA events, inputs on the device); "
-        "× ref is the p50 speed-up over the model's PyTorch row (or its ONNX Runtime CPU FP32 "
-        "row where there is none).",
+        f"Measured {header.get('date')}; evaluation {header.get('eval_mode')}. {legend_line(header)}",
         "",
-        "| " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|" + "|".join("---" if key in TEXT_COLUMNS else "---:" for key, _ in COLUMNS) + "|",
     ]
-    for row in map(flat, result.rows):
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
+    flats = [flat(row) for row in result.rows]
+    lines += _md_table(
+        [title for _, title in COLUMNS],
+        [key not in TEXT_COLUMNS for key, _ in COLUMNS],
+        [[_cell(row.get(key)).replace("|", "\\|") for key, _ in COLUMNS] for row in flats],
+    )
+    extra = summary_lines(result)
+    if extra:
+        lines += ["", "## Read before you ship", ""] + [f"- {line.strip()}" for line in extra]
     errors = [row for row in result.rows if row.error]
     if errors:
-        lines += ["", "Errors:", ""]
-        lines += [f"- {r.model} {r.backend}: `{r.error}`" for r in errors]
+        lines += ["", "## Rows that did not run", ""]
+        lines += [f"- {r.label}: {status_text(r)}: `{r.error}`" for r in errors]
+    deltas = class_deltas(result)
+    if deltas:
+        names = class_names(result, len(deltas[0][2]))
+        lines += ["", "## Per-class IoU change against the ref row", ""]
+        lines += _md_table(
+            ["class"] + [f"{row.label} vs {base.backend}" for row, base, _ in deltas],
+            [False] + [True] * len(deltas),
+            [[name] + [_cell(d[c]) for _, _, d in deltas] for c, name in enumerate(names)],
+        )
+    for key, title in (
+        ("png", "Latency against mIoU"),
+        ("compare", "Where backends disagree"),
+        ("confusion", "Confusion matrix"),
+    ):
+        if images and key in images:
+            lines += ["", f"## {title}", "", f"![{title}]({images[key]})"]
     return "\n".join(lines) + "\n"
 
 
@@ -165,12 +280,6 @@ def _miou(row: BenchRow) -> float:
     return row.miou
 
 
-def plot(result: BenchReport, path: Path) -> Path:
-    """report.png: the figure of `figure_of`, written atomically."""
-    figure = figure_of(result)
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=figure.dpi))
-
-
 def figure_of(result: BenchReport) -> Any:
     """Latency p50 against mIoU, one labelled point per ok row, the Pareto front joined.
 
@@ -181,7 +290,7 @@ def figure_of(result: BenchReport) -> Any:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     rows = result.rows
-    ok = [row for row in rows if row.ok and row.latency_ms is not None and row.miou is not None]
+    ok = [row for row in rows if row.timed]
     front = sorted((rows[i] for i in pareto_front(rows)), key=lambda r: _p50(r))
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     axes = figure.subplots()
@@ -190,7 +299,12 @@ def figure_of(result: BenchReport) -> Any:
     clusters: list[tuple[float, float, list[str]]] = []  # points at (nearly) one place share a label
     for row in ok:
         x, y = _p50(row), _miou(row)
-        axes.scatter(x, y, color="tab:blue", zorder=3)
+        rounds = row.latency_ms.rounds if row.latency_ms else None
+        if rounds and len(rounds) > 1:  # the range of the per-round medians: the timing noise
+            axes.plot([min(rounds), max(rounds)], [y, y], color="tab:blue", alpha=0.35, lw=3, zorder=2)
+        axes.scatter(x, y, color="tab:orange" if row.warnings else "tab:blue", zorder=3)
+        if row.picked:
+            axes.scatter(x, y, marker="*", s=420, color="gold", edgecolors="black", zorder=5, label="picked")
         label = f"{row.model} {row.backend}"
         match = next((c for c in clusters if abs(x / c[0] - 1) < 0.08 and abs(y - c[1]) < near), None)
         if match:
@@ -225,8 +339,11 @@ def figure_of(result: BenchReport) -> Any:
             s=140,
             zorder=4,
         )
+    if front or any(row.picked for row in ok):
         axes.legend(loc="best", frameon=True, framealpha=0.9)
-    latencies = [_p50(row) for row in ok]
+    latencies = [
+        v for row in ok for v in [_p50(row), *(row.latency_ms.rounds or [] if row.latency_ms else [])]
+    ]
     if latencies and max(latencies) > 10 * min(latencies):
         axes.set_xscale("log")
         axes.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -237,7 +354,7 @@ def figure_of(result: BenchReport) -> Any:
         axes.set_xlim(min(latencies) / 1.3, max(latencies) * 1.6)  # room for the labels
     axes.set_xlabel("latency p50 (ms, batch 1, host)")
     axes.set_ylabel("mIoU (%)")
-    axes.set_title(_title(result.header), fontsize=8)
+    axes.set_title(_title(result.header).replace(" | GPU", "\nGPU", 1), fontsize=8)
     axes.grid(alpha=0.3)
     figure.set_dpi(120)
     keep_labels_apart(figure, annotations)
@@ -270,18 +387,79 @@ def keep_labels_apart(figure: Any, annotations: list[Any]) -> None:
         placed.append(note.get_window_extent())
 
 
+def confusion_row(result: BenchReport) -> BenchRow | None:
+    """The row whose confusion matrix the report shows: the pick, else the first row of the
+    model with the most rows (the deployed one), else the first row that ran."""
+    ran = [row for row in result.rows if row.timed and row.confusion]
+    picked = [row for row in ran if row.picked]
+    if picked:
+        return picked[0]
+    counts = {row.model: sum(r.model == row.model for r in ran) for row in ran}
+    return max(ran, key=lambda row: counts[row.model], default=None)
+
+
+def figures(result: BenchReport) -> dict[str, bytes]:
+    """PNG bytes of every figure: the plot and the confusion matrix (with matplotlib), the grid."""
+    out: dict[str, bytes] = {}
+    if result.compare is not None:
+        buffer = io.BytesIO()
+        result.compare.save(buffer, format="PNG")
+        out["compare"] = buffer.getvalue()
+    if not has_matplotlib():
+        log.info("report.png and report.confusion.png left out: matplotlib is not installed")
+        return out
+    plot = figure_of(result)
+    out["png"] = png_bytes(plot, int(plot.dpi))
+    row = confusion_row(result)
+    if row is not None and row.confusion:
+        names = class_names(result, len(row.confusion))
+        title = f"{row.label}: confusion matrix, rows normalised ({result.header.get('split')} split)"
+        out["confusion"] = png_bytes(confusion_figure(row.confusion, names, title))
+    return out
+
+
+def _writer(data: bytes) -> Any:
+    return lambda tmp: tmp.write_bytes(data)
+
+
+def choice_path(out_dir: Path) -> Path:
+    """deploy/choice.json in a run folder, choice.json beside the report elsewhere."""
+    return out_dir / "deploy" / "choice.json" if (out_dir / "deploy").is_dir() else out_dir / "choice.json"
+
+
+def page(result: BenchReport) -> Page:
+    """The HTML page's content, as the other files say it."""
+    header = result.header
+    deltas = class_deltas(result)
+    names = class_names(result, len(deltas[0][2])) if deltas else []
+
+    def css(row: BenchRow) -> str:
+        return "picked" if row.picked else "warn" if row.warnings else "" if row.ok else "failed"
+
+    return Page(
+        title=f"Benchmark: {header.get('run')}",
+        meta=[_title(header), f"Measured {header.get('date')}. {legend_line(header)}"],
+        notes=summary_lines(result) + row_errors(result),
+        columns=[(title, key not in TEXT_COLUMNS) for key, title in COLUMNS],
+        rows=[(css(row), [_cell(flat(row).get(key)) for key, _ in COLUMNS]) for row in result.rows],
+        delta_columns=[f"{row.label} vs {base.backend}" for row, base, _ in deltas],
+        deltas=[(name, [d[c] for _, _, d in deltas]) for c, name in enumerate(names)],
+    )
+
+
 def write_report(result: BenchReport, out_dir: str | Path) -> dict[str, Path]:
-    """report.json, report.csv, report.md and (with matplotlib) report.png in `out_dir`."""
+    """report.json, .csv, .md, .html and the figures (report.png, report.confusion.png,
+    report.compare.png) in `out_dir`; the pick, if any, as deploy/choice.json."""
     out_dir = Path(out_dir)
+    pictures = figures(result)
     written = {
         "json": save_json(result.to_dict(), out_dir / "report.json"),
         "csv": save_text(to_csv(result), out_dir / "report.csv"),
-        "md": save_text(to_markdown(result), out_dir / "report.md"),
+        "md": save_text(to_markdown(result, {k: IMAGES[k] for k in pictures}), out_dir / "report.md"),
     }
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        log.info("report.png left out: matplotlib is not installed")
-        return written
-    written["png"] = plot(result, out_dir / "report.png")
+    for key, data in pictures.items():
+        written[key] = atomic_write(out_dir / IMAGES[key], _writer(data))
+    written["html"] = save_text(to_html(page(result), pictures), out_dir / "report.html")
+    if result.choice is not None:
+        written["choice"] = save_json(result.choice, choice_path(out_dir))
     return written

@@ -12,16 +12,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fakd_deploy import optional
 from fakd_deploy.artifacts import Artifact, ModelInfo
 from fakd_deploy.data.preprocess import Normalise
-from fakd_deploy.deploy.backends import BACKENDS, Backend, artifact_path, model_stem, resolve_backend
+from fakd_deploy.deploy.backends import (
+    BACKENDS,
+    Backend,
+    artifact_path,
+    model_stem,
+    resolve_backend,
+    runs_artifact,
+)
+from fakd_deploy.deploy.inputs import feed
 from fakd_deploy.errors import BackendUnavailable, BadInput
 from fakd_deploy.predictor import FixedSizePredictor, Predictor
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 
 def unavailable_reason(backend: str | Backend) -> str | None:
-    """Why `backend` cannot run on this machine, or None when it can."""
+    """Why `backend` cannot run on this machine, or None when it can.
+
+    Asks only what is installed: on a device without onnxruntime (a Jetson with JetPack's
+    TensorRT) the ONNX Runtime backends say so instead of failing to import.
+    """
     spec = resolve_backend(backend)
     from fakd_deploy.deploy import cuda
 
@@ -33,9 +46,28 @@ def unavailable_reason(backend: str | Backend) -> str | None:
         except BackendUnavailable as error:
             return str(error)
         return None
+    if optional.load("onnxruntime") is None:
+        extra = "gpu" if spec.device == "cuda" else "cpu"
+        return f"onnxruntime is not installed: pip install 'fakd-deploy[{extra}]'"
     from fakd_deploy.deploy.ort import missing_provider
 
     return missing_provider(spec.provider or "") or (cuda.no_gpu_reason() if spec.device == "cuda" else None)
+
+
+def placement_problem(backend: str | Backend, placement: dict[str, float] | None) -> str | None:
+    """Why a row labelled `backend` does not measure its execution provider alone, or None.
+
+    `placement` is the share of the executed graph nodes per provider (ONNX Runtime's
+    profile of the first run). Any node on another provider means the row would time a mix
+    under one label (a TensorRT row that ran half its nodes on CUDA, a CUDA row with CPU
+    nodes and the copies between them), so such a row is marked `Status.OFF_PROVIDER`.
+    """
+    provider = resolve_backend(backend).provider
+    elsewhere = {name: share for name, share in (placement or {}).items() if name != provider}
+    if provider is None or not elsewhere:
+        return None
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in elsewhere.items())
+    return f"nodes ran off {provider}: {shares}"
 
 
 def backend_for(artifact: Artifact, requested: str | None = None) -> Backend:
@@ -48,6 +80,18 @@ def backend_for(artifact: Artifact, requested: str | None = None) -> Backend:
     return BACKENDS["ort-cuda-fp16" if artifact.precision == "fp16" else f"ort-cpu-{artifact.precision}"]
 
 
+def _has_fp16(artifact: Artifact) -> bool:
+    from onnx import TensorProto
+
+    graph = artifact.graph.graph
+    return any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer) or any(
+        a.name == "to" and a.i == TensorProto.FLOAT16
+        for node in graph.node
+        if node.op_type == "Cast"
+        for a in node.attribute
+    )
+
+
 def check_artifact(artifact: Artifact, backend: str | Backend) -> None:
     """`BadInput` unless the ONNX model is the kind of model `backend` claims to run."""
     spec, path = resolve_backend(backend), artifact.path
@@ -58,20 +102,32 @@ def check_artifact(artifact: Artifact, backend: str | Backend) -> None:
             "as dequantize -> FP32, so it is not opened there; use ort-trt-int8 "
             "(TensorRT execution provider) or trt-int8"
         )
+    if artifact.quantized and spec.device == "cpu" and _has_fp16(artifact):
+        raise BadInput(
+            f"{path} is a Q/DQ model with an FP16 remainder, which ONNX Runtime's CPU provider "
+            "mis-runs (it loses accuracy the GPU runtimes keep): score "
+            f"{model_stem(path)}.qdq.onnx on the CPU, run this one with trt-int8 or ort-trt-int8"
+        )
     if artifact.precision != expected:
         right = artifact_path(path, spec)
-        how = (
-            f"open {right.name} instead"
-            if right.exists()
-            else f"build it with `fakd-deploy build {path.with_name(model_stem(path) + '.onnx')} "
-            f"--backend {spec.name}`"
-        )
+        exported = path.with_name(model_stem(path) + ".onnx")
+        if right.exists():
+            how = f"open {right.name} instead"
+        elif right == exported:  # the backend runs the exported model itself: nothing to build
+            how = (
+                f"{right.name} is the exported model: export it from its checkpoint with `fakd-deploy export`"
+            )
+        else:
+            how = f"build it with `fakd-deploy build {exported} --backend {spec.name}`"
+        runs_this = [b.name for b in BACKENDS.values() if runs_artifact(b, path)]
+        if runs_this:
+            how += f"; {path.name} itself runs on {' or '.join(runs_this)}"
         raise BadInput(
             f"{path} is an {artifact.precision.upper()} model but {spec.name} runs "
             f"{expected.upper()} models ({right.name}); {how}"
         )
     if spec.name == "ort-trt-int8":
-        from fakd_deploy.deploy.qdq import check_tensorrt_qdq
+        from fakd_deploy.deploy.qdq_rules import check_tensorrt_qdq
 
         problems = check_tensorrt_qdq(artifact.graph)
         if problems:
@@ -120,7 +176,13 @@ def open_backend(
 
     stream = Stream()
     providers: Any = ort.provider_options(
-        spec.provider or "", artifact.path, spec.precision, device_id, stream.ptr, workspace_gb
+        spec.provider or "",
+        artifact.path,
+        spec.precision,
+        device_id,
+        stream.ptr,
+        workspace_gb,
+        artifact.sha256,
     )
     return ort.OrtGpuPredictor(artifact.path, providers, stream, threads)
 
@@ -151,6 +213,8 @@ def open_predictor(
     `backend` picks the runtime for an ONNX model (default: ONNX Runtime on the CPU);
     `device` the torch device for a checkpoint. Models with a fixed input size get images
     resized to it and predictions resized back, so the Predictor takes any image size.
+    The Predictor takes normalised images whatever the model takes (`ModelInfo.input`):
+    a `pixels` or `uint8` model gets them as pixels (`deploy.inputs.feed`).
     """
     artifact = model if isinstance(model, Artifact) else Artifact.open(model)
     if artifact.kind == "checkpoint":
@@ -163,4 +227,5 @@ def open_predictor(
         predictor = open_backend(artifact, backend_for(artifact, backend), threads=threads)
         size = getattr(predictor, "input_size", None)
         info = ModelInfo.from_metadata(artifact.metadata, size, artifact.path)
+        return feed(predictor, info.input, info.normalise, info.input_size), info
     return FixedSizePredictor(predictor, info.input_size), info

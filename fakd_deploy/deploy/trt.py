@@ -36,11 +36,9 @@ import numpy as np
 
 from fakd_deploy.deploy import cuda
 from fakd_deploy.errors import ArtifactError, BackendUnavailable, BuildError
-from fakd_deploy.inputs import MAX_YAML_BYTES, read_text
-from fakd_deploy.predictor import as_prediction, run_fixed_batch
+from fakd_deploy.inputs import read_bounded
+from fakd_deploy.predictor import as_prediction, pad_to_batch, run_fixed_batch
 from fakd_deploy.utils import atomic_write, file_sha256, save_json
-
-MAX_SIDECAR_BYTES = 4 * MAX_YAML_BYTES  # metadata (a recipe among it) and build facts
 
 INSTALL_HINT = (
     "TensorRT is not installed: pip install 'fakd-deploy[gpu]' on a machine with an "
@@ -51,6 +49,7 @@ MAJORS = (10, 11)
 TIMING_CACHE = "trt-timing.cache"
 MAX_BATCH = 8
 MATCH_KEYS = ("gpu", "compute_capability", "tensorrt")
+MAX_SIDECAR_BYTES = 2**20
 # The (min, opt, max) shapes of one input's optimisation profile
 ShapeProfile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -269,20 +268,39 @@ def build_engine(
 
 
 def load_sidecar(engine: str | Path) -> dict[str, Any]:
+    """The engine's sidecar, checked: a JSON object whose `precision` is one TensorRT builds,
+    whose platform fields are text and whose `metadata` is a mapping. One line naming the
+    file and the field otherwise (a sidecar is a user's file like any other)."""
     path = sidecar_path(engine)
     if not path.exists():
         raise BackendUnavailable(
             f"{engine} has no sidecar {path.name}, so where it was built is "
             "unknown; rebuild it with `fakd-deploy build`"
         )
-    text = read_text(path, "engine sidecar", MAX_SIDECAR_BYTES, ArtifactError)
+    data = read_bounded(path, "engine sidecar", MAX_SIDECAR_BYTES, ArtifactError)  # a regular file only
     try:
-        sidecar = json.loads(text)
-    except ValueError as error:
-        raise ArtifactError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
+        sidecar = json.loads(data)
+    except ValueError as error:  # UnicodeDecodeError included
+        raise ArtifactError(
+            f"{path} is not valid JSON ({type(error).__name__}): rebuild the engine"
+        ) from None
     if not isinstance(sidecar, dict):
-        kind = type(sidecar).__name__
-        raise ArtifactError(f"{path} must hold a JSON object, not a {kind}; rebuild the engine")
+        raise ArtifactError(
+            f"{path} holds a JSON {type(sidecar).__name__}, not an object: rebuild the engine"
+        )
+    for key in MATCH_KEYS:
+        if key in sidecar and not isinstance(sidecar[key], str):
+            raise ArtifactError(f"{path}: field '{key}' must be text, got {sidecar[key]!r}")
+    if sidecar.get("precision") not in PRECISIONS:
+        raise ArtifactError(
+            f"{path}: field 'precision' must be one of {', '.join(PRECISIONS)}, "
+            f"got {sidecar.get('precision')!r}"
+        )
+    if not isinstance(sidecar.get("metadata", {}), dict):
+        raise ArtifactError(
+            f"{path}: field 'metadata' must be a mapping of the ONNX model's metadata, "
+            f"got {type(sidecar['metadata']).__name__}"
+        )
     return sidecar
 
 
@@ -292,6 +310,7 @@ class TrtPredictor:
     def __init__(self, engine_path: str | Path) -> None:
         trt = import_tensorrt()
         path = Path(engine_path)
+        self.path = path
         self.sidecar = load_sidecar(path)
         check_compatible(self.sidecar, platform_info(trt), path)
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -309,7 +328,8 @@ class TrtPredictor:
         self.input_size = (shape[2], shape[3])
         self.max_batch = self.static_batch or self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]
         self.stream = cuda.Stream()
-        self.context.set_input_shape(self.input_name, (self.max_batch, *shape[1:]))
+        self.batch = 0
+        self._set_batch(self.max_batch)
         out_shape = tuple(self.context.get_tensor_shape(self.output_name))
         in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
@@ -319,12 +339,21 @@ class TrtPredictor:
         self.device_out = cuda.DeviceBuffer(self.host_out.array.nbytes)
         self.context.set_tensor_address(self.input_name, self.device_in.ptr)
         self.context.set_tensor_address(self.output_name, self.device_out.ptr)
-        self.batch = self.max_batch
+
+    def _set_batch(self, count: int) -> None:
+        """Tell the context the batch size; TensorRT returns False (and only logs) on a shape
+        the engine cannot take, which would otherwise run on stale shapes."""
+        if count == self.batch:
+            return
+        shape = (count, *self.engine.get_tensor_shape(self.input_name)[1:])
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise RuntimeError(
+                f"TensorRT refused input shape {list(shape)} for {self.path} (batch 1..{self.max_batch})"
+            )
+        self.batch = count
 
     def _enqueue(self, count: int) -> None:
-        if count != self.batch:
-            self.context.set_input_shape(self.input_name, (count, *self.host_in.array.shape[1:]))
-            self.batch = count
+        self._set_batch(count)
         if not self.context.execute_async_v3(self.stream.ptr):
             raise RuntimeError("TensorRT execution failed; the TensorRT log above says why")
 
@@ -353,7 +382,11 @@ class TrtPredictor:
     def gpu_compute_ms(
         self, images: np.ndarray, warmup_s: float = 1.0, seconds: float = 3.0, iters: int | None = None
     ) -> list[float]:
-        """Milliseconds of GPU time per `execute_async_v3`, inputs already on the device."""
-        images = np.asarray(images, dtype=np.float32)[: self.max_batch]
+        """trtexec's GPU compute time per `execute_async_v3`, inputs already on the device.
+
+        A static-batch engine is timed at its batch, the images zero-padded up to it.
+        """
+        images = pad_to_batch(np.asarray(images, dtype=np.float32)[: self.max_batch], self.static_batch)
         count = self._load(images)
+        self.stream.synchronize()
         return cuda.time_on_stream(self.stream, lambda: self._enqueue(count), warmup_s, seconds, iters)

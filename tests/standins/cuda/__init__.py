@@ -1,0 +1,1 @@
+"""The `cuda` package of cuda-python, replaced by stand-ins (see tests/standins/README.md)."""

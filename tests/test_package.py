@@ -1,0 +1,515 @@
+"""`package`: the bundle's files, Triton's schema, nvinfer's keys and formula, infer.py against predict."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from conftest import TINY
+from google.protobuf import text_format
+from helpers import TinySegmenter
+from PIL import Image
+
+from fakd_deploy.artifacts import Artifact
+from fakd_deploy.data.splits import ValBatches
+from fakd_deploy.deploy.build import build
+from fakd_deploy.deploy.export import export_onnx
+from fakd_deploy.deploy.ort import OrtPredictor
+from fakd_deploy.deploy.package import package
+from fakd_deploy.deploy.predict import predict
+from fakd_deploy.deploy.runtime import open_predictor
+from fakd_deploy.errors import BadInput
+from fakd_deploy.recipe import load_recipe
+from fakd_deploy.utils import file_sha256
+
+CLASSES = 6  # tests/recipes/tiny.yaml
+NAMES = [f"class {i}" for i in range(CLASSES)]
+
+# Every key gst-nvinfer reads from its [property] group: gstnvinfer_property_parser.h of DeepStream
+# (https://docs.nvidia.com/metropolis/deepstream/7.0/sdk-api/gstnvinfer__property__parser_8h_source.html),
+# whose CONFIG_GROUP_INFER_* names the Gst-nvinfer documentation's property table lists
+# (https://docs.nvidia.com/metropolis/deepstream/dev-guide/text/DS_plugin_gst-nvinfer.html).
+NVINFER_KEYS = {
+    "gie-unique-id", "process-mode", "interval", "labelfile-path", "gpu-id", "secondary-reinfer-interval",
+    "output-tensor-meta", "enable-dla", "use-dla-core", "batch-size", "tensor-meta-pool-size",
+    "network-mode", "model-engine-file", "int8-calib-file", "workspace-size", "output-blob-names",
+    "is-classifier", "network-type", "force-implicit-batch-dim", "infer-dims", "output-io-formats",
+    "layer-device-precision", "model-color-format", "net-scale-factor", "offsets", "mean-file",
+    "maintain-aspect-ratio", "symmetric-padding", "scaling-filter", "scaling-compute-hw",
+    "network-input-order", "input-tensor-from-meta", "custom-lib-path", "parse-bbox-func-name",
+    "parse-bbox-instance-mask-func-name", "engine-create-func-name", "parse-classifier-func-name",
+    "custom-network-config", "model-file", "proto-file", "uff-file", "uff-input-order", "input-dims",
+    "uff-input-dims", "uff-input-blob-name", "tlt-encoded-model", "tlt-model-key", "onnx-file",
+    "num-detected-classes", "enable-dbscan", "cluster-mode", "classifier-type", "classifier-threshold",
+    "classifier-async-mode", "segmentation-threshold", "segmentation-output-order", "output-instance-mask",
+    "input-object-min-width", "input-object-min-height", "input-object-max-width",
+    "input-object-max-height", "operate-on-gie-id", "operate-on-class-ids", "filter-out-class-ids",
+}  # fmt: skip
+# What the issue asks every segmentation config to carry.
+REQUIRED = {
+    "network-type", "num-detected-classes", "segmentation-threshold", "onnx-file", "model-engine-file",
+    "network-mode", "infer-dims", "model-color-format", "net-scale-factor", "offsets", "labelfile-path",
+    "batch-size", "output-blob-names",
+}  # fmt: skip
+
+
+def make_run(folder: Path, mode: str, argmax: bool = False, metadata: dict | None = None) -> Path:
+    """A run folder with the tiny recipe, an export of the tiny model and no choice yet."""
+    recipe = load_recipe(TINY)
+    (folder / "deploy").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(
+            TinySegmenter(CLASSES),
+            folder / "deploy" / "tiny.onnx",
+            32,
+            32,
+            argmax=argmax,
+            input=mode,
+            metadata={"class_names": NAMES, **(metadata or {})},
+            parity_batches=ValBatches(recipe.data, max_images=4),
+        )
+    return folder
+
+
+def choose(run: Path, file: str, backend: str) -> None:
+    sha = file_sha256(run / file)
+    (run / "deploy" / "choice.json").write_text(json.dumps({"file": file, "backend": backend, "sha256": sha}))
+
+
+def sample_images(folder: Path) -> list[Path]:
+    """Two images of other sizes than the model's, so both resize paths are taken."""
+    rng = np.random.default_rng(7)
+    folder.mkdir()
+    paths = []
+    for name, size in (("wide", (24, 44)), ("tall", (41, 29))):
+        path = folder / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A bundle per input mode of the run's FP32 export, chosen through deploy/choice.json."""
+    found = {}
+    for mode in ("float", "pixels", "uint8"):
+        run = make_run(tmp_path_factory.mktemp(f"run-{mode}"), mode)
+        choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+        found[mode] = Path(package(run)["out"])
+    return found
+
+
+@pytest.mark.parametrize("mode", ["float", "pixels", "uint8"])
+def test_bundle_holds_every_file_and_nothing_else(bundles: dict[str, Path], mode: str) -> None:
+    bundle = bundles[mode]
+    files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+    assert files == sorted(
+        [
+            "README.md",
+            "bundle.json",
+            "deepstream/config_infer_tiny.txt",
+            "deepstream/tiny.deepstream.onnx",
+            "infer.py",
+            "labels.txt",
+            "palette.json",
+            "preprocess.json",
+            "tiny.onnx",
+            "triton/tiny/1/model.onnx",
+            "triton/tiny/config.pbtxt",
+        ]
+    )
+    assert not list(bundle.parent.glob(".bundle*"))  # no staging folder left
+    assert (bundle / "labels.txt").read_text().splitlines() == NAMES
+    spec = json.loads((bundle / "preprocess.json").read_text())
+    assert spec["input"] == mode and spec["input_size"] == [32, 32] and spec["model"] == "tiny.onnx"
+    assert spec["layout"] == ("NHWC" if mode == "uint8" else "NCHW")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["chosen_by"].endswith("choice.json")
+    assert all(file_sha256(bundle / path) == sha for path, sha in manifest["files"].items())
+
+
+@pytest.mark.parametrize("mode", ["float", "pixels", "uint8"])
+def test_triton_config_parses_against_tritons_schema_and_matches_the_model(
+    bundles: dict[str, Path], mode: str
+) -> None:
+    from tritonclient.grpc import model_config_pb2
+
+    bundle = bundles[mode]
+    config = text_format.Parse(
+        (bundle / "triton/tiny/config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    graph = onnx.load(str(bundle / "triton/tiny/1/model.onnx")).graph
+    types = {1: model_config_pb2.TYPE_FP32, 2: model_config_pb2.TYPE_UINT8, 6: model_config_pb2.TYPE_INT32}
+    assert config.name == "tiny" and config.backend == "onnxruntime"
+    assert config.max_batch_size == 0  # static batch 1: the batch is part of dims
+    for declared, value in ((config.input[0], graph.input[0]), (config.output[0], graph.output[0])):
+        assert declared.name == value.name
+        assert declared.data_type == types[value.type.tensor_type.elem_type]
+        assert list(declared.dims) == [d.dim_value for d in value.type.tensor_type.shape.dim]
+    assert len(config.input) == len(config.output) == 1
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert (bundle / "triton/tiny/1/model.onnx").read_bytes() == (bundle / "tiny.onnx").read_bytes()
+
+
+def test_triton_config_for_a_dynamic_batch_on_the_tensorrt_provider(tmp_path: Path) -> None:
+    from tritonclient.grpc import model_config_pb2
+
+    from fakd_deploy.deploy.backends import resolve_backend
+    from fakd_deploy.deploy.triton import MAX_BATCH, Tensor, config_pbtxt
+
+    text = config_pbtxt(
+        "m",
+        resolve_backend("ort-trt-int8"),
+        Tensor("images", "uint8", (-1, 64, 96, 3)),
+        Tensor("labels", "int32", (-1, 64, 96)),
+    )
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.max_batch_size == MAX_BATCH and config.HasField("dynamic_batching")
+    assert list(config.input[0].dims) == [64, 96, 3] and list(config.output[0].dims) == [64, 96]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "INT8"
+    engine = config_pbtxt(
+        "m",
+        resolve_backend("trt-fp16"),
+        Tensor("images", "float32", (1, 3, 8, 8)),
+        Tensor("o", "float32", (1, 2, 8, 8)),
+    )
+    parsed = text_format.Parse(engine, model_config_pb2.ModelConfig())
+    assert (
+        parsed.backend == "tensorrt"
+        and not parsed.optimization.execution_accelerators.gpu_execution_accelerator
+    )
+
+
+def read_nvinfer(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "[property]"
+    return dict(line.split("=", 1) for line in lines[1:])
+
+
+@pytest.mark.parametrize("mode", ["float", "pixels", "uint8"])
+def test_deepstream_config_uses_only_nvinfer_keys_and_says_what_the_model_is(
+    bundles: dict[str, Path], mode: str
+) -> None:
+    bundle = bundles[mode]
+    keys = read_nvinfer(bundle / "deepstream/config_infer_tiny.txt")
+    assert set(keys) <= NVINFER_KEYS and set(keys) >= REQUIRED
+    model = onnx.load(str(bundle / "deepstream" / keys["onnx-file"])).graph
+    dims = [d.dim_value for d in model.input[0].type.tensor_type.shape.dim]
+    assert model.input[0].type.tensor_type.elem_type == 1 and dims[1] == 3  # float NCHW, as nvinfer binds it
+    assert keys["infer-dims"] == f"3;{dims[2]};{dims[3]}" and keys["batch-size"] == str(dims[0])
+    assert keys["output-blob-names"] == model.output[0].name == "probabilities"
+    assert keys["num-detected-classes"] == str(CLASSES) and keys["network-type"] == "2"
+    assert keys["network-mode"] == "0" and keys["model-color-format"] == "0"  # FP32, RGB
+    assert (bundle / "deepstream" / keys["labelfile-path"]).resolve() == (bundle / "labels.txt").resolve()
+    # ImageNet's per-channel std cannot be one net-scale-factor: every mode ships a pixels model
+    assert keys["net-scale-factor"] == "1.0" and keys["offsets"] == "0.0;0.0;0.0"
+
+
+def nvinfer_then_model(config: Path, pixels: np.ndarray) -> np.ndarray:
+    """What nvinfer computes: y = net-scale-factor * (x - offsets[c]) on RGB pixels, then the model."""
+    keys = read_nvinfer(config)
+    scale = float(keys["net-scale-factor"])
+    offsets = np.array([float(v) for v in keys["offsets"].split(";")], np.float32).reshape(1, 3, 1, 1)
+    return OrtPredictor(config.parent / keys["onnx-file"])((scale * (pixels - offsets)).astype(np.float32))
+
+
+def float_model_probabilities(onnx_path: Path, images: np.ndarray) -> np.ndarray:
+    predictor, _ = open_predictor(onnx_path)
+    logits = predictor(images)
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+def test_nvinfer_formula_then_the_deepstream_model_equals_the_float_model(bundles: dict[str, Path]) -> None:
+    """On the synthetic validation images (CamVid: the slow test below)."""
+    recipe = load_recipe(TINY)
+    images = np.concatenate([b for b, _ in ValBatches(recipe.data, max_images=8)])
+    mean = np.reshape((0.485, 0.456, 0.406), (1, 3, 1, 1))
+    std = np.reshape((0.229, 0.224, 0.225), (1, 3, 1, 1))
+    pixels = np.rint((images * std + mean) * 255).astype(np.float32)
+    for mode, bundle in bundles.items():
+        want = float_model_probabilities(bundle / "tiny.onnx", images)
+        got = nvinfer_then_model(bundle / "deepstream/config_infer_tiny.txt", pixels)
+        assert (got.argmax(1) == want.argmax(1)).all(), mode
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_uniform_std_is_expressed_by_net_scale_factor_and_offsets(tmp_path: Path) -> None:
+    """A float model whose std is one number needs no change: nvinfer normalises it."""
+    meta = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.25, 0.25]}
+    run = make_run(tmp_path / "run", "float", argmax=True, metadata=meta)
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    keys = read_nvinfer(bundle / "deepstream/config_infer_tiny.txt")
+    assert float(keys["net-scale-factor"]) == pytest.approx(1 / (255 * 0.25))
+    assert [float(v) for v in keys["offsets"].split(";")] == pytest.approx([127.5, 102.0, 76.5])
+    ds = onnx.load(str(bundle / "deepstream" / keys["onnx-file"])).graph
+    assert [n.op_type for n in ds.node].count("ArgMax") == 0  # nvinfer reads probabilities, not labels
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 3, 32, 32)).astype(np.float32)
+    images = (pixels / 255 - np.reshape(meta["mean"], (1, 3, 1, 1))) / 0.25
+    labels, _ = open_predictor(bundle / "tiny.onnx")
+    got = nvinfer_then_model(bundle / "deepstream/config_infer_tiny.txt", pixels)
+    assert (got.argmax(1) == labels(images.astype(np.float32))).mean() > 0.999
+
+
+def load_infer(bundle: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"infer_{bundle.name}", bundle / "infer.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["float", "pixels", "uint8"])
+def test_bundle_infer_reproduces_predict_pixel_for_pixel(
+    bundles: dict[str, Path], mode: str, tmp_path: Path
+) -> None:
+    """`python infer.py FOLDER --out DIR` from the bundle folder, in a clean interpreter that cannot
+    import fakd_deploy, against `fakd-deploy predict` on the same model."""
+    bundle = bundles[mode]
+    images = sample_images(tmp_path / "images")
+    result = subprocess.run(
+        [sys.executable, "-I", "infer.py", str(tmp_path / "images"), "--out", str(tmp_path / "infer")],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    predict(bundle / "tiny.onnx", images, tmp_path / "predict")
+    for image in images:
+        for kind in ("labels", "overlay"):
+            ours = np.asarray(Image.open(tmp_path / "infer" / f"{image.stem}.{kind}.png").convert("RGB"))
+            theirs = np.asarray(Image.open(tmp_path / "predict" / f"{image.stem}.{kind}.png").convert("RGB"))
+            np.testing.assert_array_equal(ours, theirs)
+        labels = np.asarray(Image.open(tmp_path / "infer" / f"{image.stem}.labels.png"))
+        assert labels.shape == Image.open(image).size[::-1] and len(np.unique(labels)) > 1
+
+
+def test_bundle_infer_imports_nothing_of_fakd_deploy(bundles: dict[str, Path]) -> None:
+    import ast
+
+    tree = ast.parse((bundles["float"] / "infer.py").read_text())
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    top = {m.split(".")[0] for m in modules}
+    allowed = {"__future__", "argparse", "json", "sys", "collections", "pathlib", "typing"}
+    assert top <= allowed | {"numpy", "PIL", "onnxruntime", "tensorrt", "cuda"}
+
+
+class FakeEngine:
+    """A TensorRT engine stand-in that runs the bundle's ONNX model with ONNX Runtime on the
+    'device' buffers of FakeCudaRuntime: infer.py's buffers, copies, shapes and types are real."""
+
+    def __init__(self, onnx_path: Path, cudart: Any) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        first, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.names = (first.name, out.name)
+        self.dtypes = {first.name: first.type, out.name: out.type}
+        self.shapes = {first.name: tuple(first.shape), out.name: tuple(out.shape)}
+        self.num_io_tensors = 2
+        self.cudart = cudart
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.names[index]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "in" if name == self.names[0] else "out"
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return self.dtypes[name]
+
+    def create_execution_context(self) -> Any:
+        engine = self
+
+        class Context:
+            def __init__(self) -> None:
+                self.addresses: dict[str, int] = {}
+
+            def set_input_shape(self, name: str, shape: tuple) -> None:
+                assert tuple(shape) == engine.shapes[name]
+
+            def get_tensor_shape(self, name: str) -> tuple:
+                return engine.shapes[name]
+
+            def set_tensor_address(self, name: str, ptr: int) -> None:
+                self.addresses[name] = ptr
+
+            def execute_async_v3(self, stream: int) -> bool:
+                import ctypes
+
+                source, target = engine.names
+                x_type, y_type = (NPTYPES[engine.dtypes[n]] for n in engine.names)
+                count = int(np.prod(engine.shapes[source]))
+                raw = (ctypes.c_byte * (count * np.dtype(x_type).itemsize)).from_address(
+                    self.addresses[source]
+                )
+                x = np.frombuffer(raw, x_type).reshape(engine.shapes[source])
+                (y,) = engine.session.run([target], {source: x})
+                y = np.ascontiguousarray(y, y_type)
+                ctypes.memmove(self.addresses[target], y.ctypes.data, y.nbytes)
+                engine.cudart.calls.append(("execute", stream))
+                return True
+
+        return Context()
+
+
+NPTYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int32)": np.int32}
+
+
+def test_bundle_infer_runs_an_engine_through_tensorrt_and_cuda_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine choice: Triton gets the tensorrt backend and model.plan; infer.py takes its
+    TensorRT path (stand-ins from tests/test_trt.py) and gives the ONNX model's masks."""
+    from test_trt import FakeCudaRuntime, FakeTensorRT
+
+    run = make_run(tmp_path / "run", "uint8", argmax=True)
+    onnx_path = run / "deploy" / "tiny.onnx"
+    engine = run / "deploy" / "tiny.fp16.engine"
+    engine.write_bytes(onnx_path.read_bytes())  # the stand-in engine runs these bytes
+    sidecar = {
+        "gpu": "Orin",
+        "compute_capability": "8.7",
+        "tensorrt": "10.3.0",
+        "precision": "fp16",
+        "inputs": [{"name": "images", "shape": [1, 32, 32, 3], "dtype": "DataType.UINT8"}],
+        "outputs": [{"name": "labels", "shape": [1, 32, 32], "dtype": "DataType.INT32"}],
+        "metadata": Artifact.open(onnx_path).metadata,
+    }
+    engine.with_name(engine.name + ".json").write_text(json.dumps(sidecar))
+    choose(run, "deploy/tiny.fp16.engine", "trt-fp16")
+    bundle = Path(package(run, tmp_path / "bundle")["out"])
+
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(
+        (bundle / "triton/tiny/config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert config.backend == "tensorrt" and (bundle / "triton/tiny/1/model.plan").is_file()
+    assert config.input[0].data_type == model_config_pb2.TYPE_UINT8
+    assert config.output[0].data_type == model_config_pb2.TYPE_INT32
+    assert (
+        "trtexec --onnx=tiny.onnx --saveEngine=tiny.fp16.engine --fp16" in (bundle / "README.md").read_text()
+    )
+    assert read_nvinfer(bundle / "deepstream/config_infer_tiny.txt")["network-mode"] == "2"
+
+    fake, cudart = FakeTensorRT("10.3.0"), FakeCudaRuntime()
+    fake.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    fake.nptype = lambda dtype: NPTYPES[dtype]
+    fake.Runtime = lambda logger: types.SimpleNamespace(
+        deserialize_cuda_engine=lambda data: FakeEngine(bundle / "tiny.fp16.engine", cudart)
+    )
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    images = sample_images(tmp_path / "images")
+    assert load_infer(bundle).main([str(tmp_path / "images"), "--out", str(tmp_path / "trt")]) == 0
+    kinds = [call[0] for call in cudart.calls]
+    assert kinds.count("execute") == kinds.count("H2D") == kinds.count("D2H") == len(images)
+    predict(bundle / "tiny.onnx", images, tmp_path / "predict")
+    for image in images:
+        ours = np.asarray(Image.open(tmp_path / "trt" / f"{image.stem}.labels.png"))
+        theirs = np.asarray(Image.open(tmp_path / "predict" / f"{image.stem}.labels.png"))
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_int8_choice_ships_the_qdq_model_and_configures_deepstream_in_fp16(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "pixels")
+    recipe = load_recipe(TINY)
+    from fakd_deploy.data.splits import calibration_images
+
+    qdq = build(run / "deploy/tiny.onnx", "ort-trt-int8", calib_images=calibration_images(recipe.data, 4))
+    choose(run, f"deploy/{qdq.name}", "ort-trt-int8")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    assert (bundle / "tiny.qdq.onnx").is_file() and (bundle / "tiny.onnx").is_file()
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(
+        (bundle / "triton/tiny/config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.parameters["precision_mode"] == "INT8"
+    text = (bundle / "deepstream/config_infer_tiny.txt").read_text()
+    assert "network-mode=2" in text and "int8-calib-file" in text.split("[property]")[0]
+
+
+def test_package_without_a_choice_or_with_a_changed_file_says_what_to_do(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "float")
+    with pytest.raises(
+        BadInput, match=r"no deploy/choice\.json: pick the model with `fakd-deploy bench .* --pick`"
+    ):
+        package(run)
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    (run / "deploy/tiny.onnx").write_bytes((run / "deploy/tiny.onnx").read_bytes() + b"\0")
+    with pytest.raises(BadInput, match="changed since it was picked"):
+        package(run)
+    (run / "deploy/choice.json").write_text(
+        json.dumps({"file": "../../etc/passwd", "backend": "ort-cpu-fp32"})
+    )
+    with pytest.raises(BadInput, match="outside the run folder"):
+        package(run)
+    assert not (run / "bundle").exists()
+
+
+def test_package_writes_only_its_own_folder(tmp_path: Path) -> None:
+    """An existing folder that is not a bundle, a link, or a place inside the run: refused, untouched."""
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(BadInput, match="exists and is not a bundle"):
+        package(run, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(BadInput, match="symbolic link"):
+        package(run, tmp_path / "link")
+    with pytest.raises(BadInput, match="inside the run folder"):
+        package(run, run / "deploy")
+    with pytest.raises(BadInput, match="holds the run folder"):
+        package(run, tmp_path)
+    first = Path(package(run, tmp_path / "b")["out"])
+    (first / "stale.txt").write_text("from an earlier bundle")
+    again = Path(package(run, tmp_path / "b")["out"])  # an earlier bundle is replaced whole
+    assert again == first and not (again / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "link", "mine", "run"]
+    assert (Path(package(run)["out"])) == run / "bundle"
+
+
+def test_package_command_prints_the_bundle_or_one_line_why_not(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fakd_deploy.cli import app
+
+    run = make_run(tmp_path / "run", "pixels")
+    result = CliRunner().invoke(app, ["package", str(run)])
+    assert result.exit_code == 2 and "no deploy/choice.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    model = run / "deploy" / "tiny.onnx"
+    args = ["package", str(run), "--model", str(model), "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"bundle: {tmp_path / 'b'} (tiny.onnx, ort-cpu-fp32)" in result.output
+    assert "  infer.py" in result.output.splitlines()
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text())["chosen_by"] == "--model"
