@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-import yaml
-
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.errors import ArtifactError, BadInput
+from fakd_deploy.inputs import load_yaml
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD, InputMode, Recipe, load_recipe, parse_recipe
 from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import file_sha256
@@ -135,10 +134,7 @@ def _stored_recipe(path: Path, metadata: dict[str, Any]) -> dict[str, Any] | Non
     text = metadata.get("recipe")
     if text is None:
         return None
-    try:
-        raw = yaml.safe_load(text) if isinstance(text, str) else None
-    except yaml.YAMLError:
-        raise ArtifactError(f"{path}: its stored recipe is not valid YAML") from None
+    raw = load_yaml(text, f"{path}: its stored recipe", ArtifactError) if isinstance(text, str) else None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path}: its stored recipe is not a mapping of recipe keys")
     return raw
@@ -229,7 +225,7 @@ def _open_onnx(path: Path) -> Artifact:
     from fakd_deploy.deploy.onnx_meta import load_onnx, model_metadata
 
     model = load_onnx(path, load_external_data=False)
-    metadata = model_metadata(model)
+    metadata = model_metadata(model, path)
     check_graph(path, model, metadata)
     return Artifact(
         path, "onnx", metadata, onnx_precision(model), _stored_recipe(path, metadata), graph=model

@@ -22,8 +22,9 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from fakd_deploy import __version__
-from fakd_deploy.errors import BadInput, FakdError, Interrupted
+from fakd_deploy.errors import BadInput, FakdError, Interrupted, printable
 from fakd_deploy.progress import console, setup_logging
+from fakd_deploy.signals import Stopped, interrupt_on_signals
 
 if TYPE_CHECKING:
     from fakd_deploy.deploy.rows import BenchReport
@@ -122,24 +123,30 @@ def say(message: str, style: str = "") -> None:
 
 @contextmanager
 def reported() -> Iterator[None]:
-    """Expected failures as one line and their exit code; bugs keep their traceback."""
+    """Expected failures as one line and their exit code; bugs keep their traceback.
+
+    SIGINT, SIGTERM and SIGHUP stop the command cleanly (its temporary files removed, its
+    lock released) with exit 130. Control characters in a message (a file name holding a
+    newline or an escape sequence) are printed escaped, so a message stays one line.
+    """
     try:
-        yield
+        with interrupt_on_signals():
+            yield
     except FakdError as error:
         if DEBUG["on"]:
             raise
         say(
-            f"{'' if isinstance(error, Interrupted) else 'error: '}{error}",
+            f"{'' if isinstance(error, Interrupted) else 'error: '}{printable(str(error))}",
             "yellow" if isinstance(error, Interrupted) else "red",
         )
         raise typer.Exit(error.exit_code) from None
     except OSError as error:
         if DEBUG["on"] or not error.filename:
             raise
-        say(f"error: {error.filename}: {error.strerror}", "red")
+        say(f"error: {printable(str(error.filename))}: {error.strerror}", "red")
         raise typer.Exit(BadInput.exit_code) from None
-    except KeyboardInterrupt:
-        say("interrupted", "yellow")
+    except KeyboardInterrupt as error:
+        say(f"interrupted: {error}" if isinstance(error, Stopped) else "interrupted", "yellow")
         raise typer.Exit(Interrupted.exit_code) from None
 
 

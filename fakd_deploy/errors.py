@@ -15,6 +15,7 @@ else is a bug and shows its traceback. `fakd-deploy --debug ...` shows traceback
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -96,6 +97,24 @@ def unwritable(path: str | Path, error: OSError) -> WriteFailed:
     """An output the OS refuses to write, as one line naming it."""
     reason = error.strerror or os.strerror(error.errno or 0) or type(error).__name__
     return WriteFailed(f"cannot write {path}: {reason}")
+
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators and bidi controls
+# that could split a message into lines or reorder what a terminal shows.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped (`\\n`, `\\x1b`, `\\u2028`), so a file name
+    can neither break a one-line message in two nor send escape sequences to a terminal."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+            f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+        )
+
+    return CONTROL.sub(escape, text)
 
 
 def error_summary(error: BaseException) -> str:

@@ -9,6 +9,7 @@ gets "not installed" instead of an ImportError.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from types import ModuleType
 
 NOT_INSTALLED = "not installed"
@@ -30,3 +31,15 @@ def version(name: str) -> str:
 
 def versions(*names: str) -> dict[str, str]:
     return {name: version(name) for name in names}
+
+
+def installed(*distributions: str) -> str:
+    """The version of the first of these distributions that is installed, read from its
+    metadata without importing it (recording versions must not load a runtime), or
+    "not installed"."""
+    for distribution in distributions:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return NOT_INSTALLED

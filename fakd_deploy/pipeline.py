@@ -1,183 +1,35 @@
 """The stages of a recipe, each reading and writing artifacts in one run folder.
 
-Every stage has a key: the hash of the recipe sections it depends on and of its input
-files. `manifest.json` records the key and the hashes of the outputs of each finished
-stage, so `fakd-deploy run` skips what is already done for the same inputs and resumes
-what was interrupted (training continues from `last.pt`). Under `torchrun` every rank
-trains; rank 0 alone holds the run folder's lock, decides what to skip or resume (and
-tells the others), writes, and runs the stages after training.
+Every stage names its inputs: the recipe sections it depends on and its input files.
+`manifest.json` records them, their key and the hashes of the outputs of each finished
+stage, so `fakd-deploy run` skips what is already done for the same inputs, resumes what
+was interrupted (training continues from `last.pt`) and says what changed when it redoes
+a stage (the rule is `session.Session.stage`). Under `torchrun` every rank trains; rank 0
+alone holds the run folder's lock, decides what to skip or resume (and tells the others),
+writes, and runs the stages after training.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from fakd_deploy import __version__, optional
 from fakd_deploy.data import splits
 from fakd_deploy.deploy.rows import BenchReport
 from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.models import Checkpoint, Segmenter, TorchPredictor, build_model, import_state_dict
-from fakd_deploy.models.predictor import resolve_device
 from fakd_deploy.recipe import DataConfig, Recipe, TrainConfig, load_recipe
-from fakd_deploy.runfolder import Manifest, RunFolder, RunLock, stage_key
-from fakd_deploy.train import Job, fit, init_distributed, rank_and_world, resolve_workers, seed_everything
-from fakd_deploy.utils import save_json, save_text
+from fakd_deploy.runfolder import RunFolder
+from fakd_deploy.session import Attempt, Session, session
+from fakd_deploy.train import Job, fit, resolve_workers, seed_everything
+from fakd_deploy.utils import save_json
 
 log = logging.getLogger(__name__)
-
-Work = Callable[[bool], tuple[list[Path], dict[str, Any]]]
-
-
-def versions() -> dict[str, str]:
-    return {
-        "fakd_deploy": __version__,
-        "python": platform.python_version(),
-        **optional.versions("torch", "onnxruntime"),
-    }
-
-
-def agree(value: Any) -> Any:
-    """Rank 0's value on every rank (unchanged outside torch.distributed)."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-@dataclass
-class Session:
-    """One recipe's work in one run folder: its lock, manifest, device and data facts."""
-
-    recipe: Recipe
-    run: RunFolder
-    force: bool
-    device: torch.device
-    num_classes: int
-    class_names: list[str]
-    manifest: Manifest | None = None  # rank 0 only
-    rank: int = 0
-
-    def stage(self, name: str, key: str, work: Work) -> dict[str, Any]:
-        """Run `work(resume)` unless the stage is done for this key; returns its metrics."""
-        decision = None
-        if self.rank == 0:
-            assert self.manifest is not None
-            if not self.force and self.manifest.is_done(name, key):
-                decision = "skip"
-            else:
-                decision = "resume" if self.manifest.start(name, key) and not self.force else "fresh"
-        decision = agree(decision)
-        if decision == "skip":
-            log.info(f"skip {name}: outputs are up to date")
-            return self.manifest.entry(name)["metrics"] if self.manifest else {}
-        started = time.perf_counter()
-        outputs, metrics = work(decision == "resume")
-        if self.manifest is not None:
-            self.manifest.finish(name, key, outputs, time.perf_counter() - started, metrics, versions())
-        return metrics
-
-    def clear(self, folder: Path, resume: bool) -> None:
-        """Remove a stage's earlier outputs before it starts afresh (rank 0; the others wait)."""
-        if not resume and self.rank == 0 and folder.exists():
-            self.run.remove(folder)
-        barrier()
-
-
-def check_device(name: str) -> torch.device:
-    device = resolve_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(
-            f"device '{name}' asks for CUDA, but torch sees no GPU here "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise BadInput(f"device '{name}' asks for Apple's MPS, which this machine does not have")
-    return device
-
-
-def check_teacher_classes(path: Path, num_classes: int, dataset: str) -> None:
-    """A teacher must predict the dataset's classes; found before anything trains."""
-    arch = Checkpoint.load(path).arch
-    if arch.get("num_classes") != num_classes:
-        raise BadInput(
-            f"teacher {path} predicts {arch.get('num_classes')} classes but the dataset "
-            f"'{dataset}' has {num_classes}"
-        )
-
-
-def preflight(recipe: Recipe, teacher: Path | None = None) -> tuple[int, list[str]]:
-    """Everything that can be checked before a run folder is touched: data, models, teacher."""
-    import timm
-
-    num_classes, class_names = splits.dataset_info(recipe.data)
-    splits.train_dataset(recipe.data)
-    if recipe.teacher is not None and recipe.teacher.data:
-        teacher_classes, _ = splits.dataset_info(recipe.teacher_data())
-        splits.train_dataset(recipe.teacher_data())
-        if teacher_classes != num_classes:
-            raise BadInput(
-                f"teacher.data gives {teacher_classes} classes but the student's data has {num_classes}"
-            )
-    for where, model in (
-        ("student.model", recipe.student.model),
-        ("teacher.model", recipe.teacher.model if recipe.teacher else None),
-    ):
-        if model is not None and not timm.is_model(model.encoder):
-            raise BadInput(
-                f"{where}.encoder '{model.encoder}' is not a timm encoder "
-                "(`fakd-deploy models` lists the zoo)"
-            )
-        if (
-            model is not None
-            and model.pretrained
-            and "/" in model.pretrained
-            and not Path(model.pretrained).is_file()
-        ):
-            raise BadInput(f"{where}.pretrained: weights file not found: {model.pretrained}")
-    cfg = recipe.teacher
-    for path in (teacher, Path(cfg.checkpoint) if cfg and cfg.checkpoint else None):
-        if path is not None:
-            check_teacher_classes(path, num_classes, recipe.data.name)
-    if cfg and cfg.weights and not Path(cfg.weights).is_file():
-        raise BadInput(f"teacher.weights: file not found: {cfg.weights}")
-    return num_classes, class_names
-
-
-@contextmanager
-def session(
-    recipe: Recipe, out: Path | None, force: bool = False, teacher: Path | None = None
-) -> Iterator[Session]:
-    """Check the recipe, then hold the run folder (rank 0) with the resolved recipe saved in it."""
-    device = init_distributed(check_device(recipe.device))
-    num_classes, class_names = preflight(recipe, teacher)
-    run = RunFolder(out or Path("runs") / recipe.name)
-    rank, _ = rank_and_world()
-    if rank != 0:
-        yield Session(recipe, run, force, device, num_classes, class_names, rank=rank)
-        return
-    with RunLock(run):
-        manifest = Manifest(run, fresh=force)
-        save_text(recipe.to_yaml(), run.recipe)
-        yield Session(recipe, run, force, device, num_classes, class_names, manifest)
 
 
 def _job(
@@ -211,6 +63,23 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"miou": metrics.get("miou"), "step": metrics.get("step")}
 
 
+def teacher_inputs(s: Session) -> dict[str, Any]:
+    """What the teacher trained here depends on, by name; its key is the teacher stage's."""
+    cfg = s.recipe.teacher
+    assert cfg is not None
+    inputs: dict[str, Any] = {
+        "data": s.recipe.teacher_data(),
+        "teacher.model": cfg.model,
+        "teacher.train": cfg.train,
+        "teacher.weights_import": cfg.weights_import,
+        "seed": s.recipe.seed,
+        "class names": s.class_names,
+    }
+    if cfg.weights:
+        inputs["teacher.weights"] = Path(cfg.weights)
+    return inputs
+
+
 def train_teacher(s: Session) -> Path:
     """Train the teacher, or adopt one trained elsewhere (`checkpoint` or `weights`)."""
     cfg = s.recipe.teacher
@@ -218,16 +87,15 @@ def train_teacher(s: Session) -> Path:
         raise BadInput("the recipe has no 'teacher' section")
     if cfg.checkpoint:
         return Path(cfg.checkpoint)
-    best = s.run.teacher / "best.pt"
 
-    def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        s.clear(s.run.teacher, resume)
+    def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
+        assert attempt.folder is not None
         seed_everything(s.recipe.seed)
         model = build_model(**cfg.model.build_kwargs(), num_classes=s.num_classes)
         job = _job(
             s,
             cfg.train,
-            s.run.teacher,
+            attempt.folder,
             s.recipe.seed,
             "teacher",
             {"role": "teacher", "variant": None, "seed": s.recipe.seed},
@@ -239,24 +107,11 @@ def train_teacher(s: Session) -> Path:
             distiller = Distiller(
                 model, None, [], s.num_classes, s.recipe.data.ignore_index, aux_weight=cfg.train.aux_weight
             )
-            metrics = fit(distiller, job, resume=resume)
-        return [best], _summary(metrics)
+            metrics = fit(distiller, job, resume=attempt.resume)
+        return [attempt.folder / "best.pt"], _summary(metrics)
 
-    weights = [Path(cfg.weights)] if cfg.weights else []
-    s.stage(
-        "teacher",
-        stage_key(
-            s.recipe.teacher_data(),
-            cfg.model,
-            cfg.train,
-            cfg.weights_import,
-            s.recipe.seed,
-            s.class_names,
-            *weights,
-        ),
-        work,
-    )
-    return best
+    s.stage("teacher", teacher_inputs(s), work, folder=s.run.teacher)
+    return s.run.teacher / "best.pt"
 
 
 def adopt_weights(model: Segmenter, job: Job, weights: str, mapping: dict[str, Any]) -> dict[str, Any]:
@@ -293,8 +148,8 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
             f"variant '{variant}' distils from a teacher, but no teacher checkpoint was found at {teacher}"
         )
 
-    def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
-        s.clear(folder, resume)
+    def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
+        assert attempt.folder is not None
         seed_everything(seed)
         student = build_model(**cfg.model.build_kwargs(), num_classes=s.num_classes)
         teacher_model = Checkpoint.load(teacher).build(str(teacher)) if terms and teacher else None
@@ -309,17 +164,23 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
         job = _job(
             s,
             cfg.train,
-            folder,
+            attempt.folder,
             seed,
             f"{variant} s{seed}",
             {"role": "student", "variant": variant, "seed": seed},
         )
-        return [folder / "best.pt"], _summary(fit(distiller, job, resume=resume))
+        return [attempt.folder / "best.pt"], _summary(fit(distiller, job, resume=attempt.resume))
 
-    inputs: list[Any] = [s.recipe.data, cfg.model, cfg.train, [t.model_dump() for t in terms], seed]
+    inputs: dict[str, Any] = {
+        "data": s.recipe.data,
+        "student.model": cfg.model,
+        "student.train": cfg.train,
+        f"student.variants.{variant}": [t.model_dump() for t in terms],
+        "seed": seed,
+    }
     if terms and teacher:
-        inputs.append(teacher)
-    s.stage(student_stage(variant, seed), stage_key(*inputs), work)
+        inputs["teacher"] = teacher
+    s.stage(student_stage(variant, seed), inputs, work, folder=folder)
     return folder / "best.pt"
 
 
@@ -337,7 +198,7 @@ def evaluate_checkpoints(
     recipe, out = s.recipe, out or s.run.evaluation
     split = split or recipe.data.val_split
 
-    def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
+    def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
         data = splits.ValBatches(recipe.data, split)
         rows = []
         for label, path in checkpoints.items():
@@ -367,7 +228,8 @@ def evaluate_checkpoints(
         save_json(rows, out)
         return [out], {"rows": len(rows)}
 
-    s.stage(name, stage_key(recipe.data, recipe.eval, split, *checkpoints.values()), work)
+    inputs = {"data": recipe.data, "eval": recipe.eval, "split": split}
+    s.stage(name, inputs | {f"checkpoint {label}": path for label, path in checkpoints.items()}, work)
     return read_json(out)
 
 
@@ -383,7 +245,7 @@ def export_student(s: Session, checkpoint: Path) -> Path:
     out = s.run.onnx(recipe.export_variant())
     height, width = export_size(recipe)
 
-    def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
+    def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
         report = export_onnx(
             checkpoint,
             out,
@@ -394,7 +256,8 @@ def export_student(s: Session, checkpoint: Path) -> Path:
         )
         return [out], {k: v for k, v in report.items() if k != "path"}
 
-    s.stage("export", stage_key(cfg, height, width, checkpoint), work)
+    inputs = {"deploy.export": cfg, "height": height, "width": width, "checkpoint": checkpoint}
+    s.stage("export", inputs, work)
     return out
 
 
@@ -407,7 +270,7 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
     artifacts, failures = [], []
     for name in dict.fromkeys(resolve_backend(b).name for b in recipe.deploy.backends):
 
-        def work(resume: bool, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
+        def work(attempt: Attempt, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
             calib = splits.calibration_images(recipe.data, recipe.deploy.calib)
             path = build(
                 onnx,
@@ -418,16 +281,14 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
             )
             return [path], {"path": s.run.relative(path)}
 
-        calibration: list[object] = (
-            [recipe.deploy.calib, recipe.deploy.calib_method, recipe.data]
-            if resolve_backend(name).precision == "int8"
-            else []
-        )
-        if calibration and recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
-            calibration.append(recipe.deploy.quantizer)
-        key = stage_key(name, onnx, *calibration)
+        inputs: dict[str, Any] = {"backend": name, "onnx": onnx}
+        if resolve_backend(name).precision == "int8":
+            calibration = (recipe.deploy.calib, recipe.deploy.calib_method, recipe.data)
+            inputs |= dict(zip(("deploy.calib", "deploy.calib_method", "data"), calibration, strict=True))
+            if recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
+                inputs["deploy.quantizer"] = recipe.deploy.quantizer
         try:
-            metrics = s.stage(f"build:{name}", key, work)
+            metrics = s.stage(f"build:{name}", inputs, work)
             artifacts.append(s.run.root / metrics["path"])
         except FakdError as error:
             log.error(f"build {name} failed: {error}")
@@ -448,12 +309,14 @@ def bench_stage(s: Session) -> BenchReport:
     found = candidates(s.run)
     outputs = [s.run.report(suffix) for suffix in ("json", "csv", "md", "png")]
 
-    def work(resume: bool) -> tuple[list[Path], dict[str, Any]]:
+    def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
         result = bench_run(s.recipe, found, s.recipe.bench, title=str(s.run.root))
         written = write_report(result, s.run.root)
         return [p for p in outputs if p in written.values()], {"rows": len(result.rows)}
 
-    s.stage("bench", stage_key(s.recipe.bench, s.recipe.data, *[c.path for c in found]), work)
+    inputs = {"bench": s.recipe.bench, "data": s.recipe.data}
+    models = {f"row {i + 1} ({c.model} on {c.backend})": c.path for i, c in enumerate(found)}
+    s.stage("bench", inputs | models, work)
     return BenchReport.from_dict(read_json(s.run.report("json")))
 
 
@@ -544,4 +407,17 @@ def distill(
             f"{recipe_path} --role teacher`) or pass --teacher"
         )
     with session(recipe, out, force, teacher=teacher_path) as s:
+        if teacher is None and not recipe.teacher.checkpoint:
+            require_current_teacher(s, recipe_path)
         return [train_student(s, name, seed, teacher_path) for name in names for seed in recipe.student.seeds]
+
+
+def require_current_teacher(s: Session, recipe_path: Path) -> None:
+    """The run folder's teacher must be the one this recipe describes, as `run` would judge
+    it; otherwise distilling from it would mix two recipes without saying so."""
+    changed = s.changed_since("teacher", teacher_inputs(s))
+    if changed:
+        raise BadInput(
+            f"the teacher in {s.run.teacher} is not this recipe's ({changed}); train it with this "
+            f"recipe first (`fakd-deploy train {recipe_path} --role teacher`), or pass --teacher"
+        )

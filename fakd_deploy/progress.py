@@ -31,18 +31,21 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from fakd_deploy.errors import printable
+
 # In a terminal rich follows its width; into a file or pipe, lines and tables stay whole.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 class ConsoleHandler(logging.Handler):
     """Log records as whole lines on the rich console: above a live progress bar in a
-    terminal, never wrapped in a log file; `warning:` / `error:` in front where it applies."""
+    terminal, never wrapped in a log file; `warning:` / `error:` in front where it applies.
+    Control characters are escaped: a file name cannot split a line or drive the terminal."""
 
     STYLES: ClassVar[dict[int, str]] = {logging.WARNING: "yellow", logging.ERROR: "red"}
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = self.format(record)
+        message = printable(self.format(record))
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
         console.print(Text(message, style=self.STYLES.get(record.levelno, "")), soft_wrap=True)

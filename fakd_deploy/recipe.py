@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from fakd_deploy.errors import RecipeError
+from fakd_deploy.inputs import MAX_YAML_BYTES, load_yaml, read_text
 from fakd_deploy.suggest import did_you_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,8 +58,24 @@ BackendName = Literal[
 # What an exported model takes (`deploy.inputs`): normalised floats, float pixels or uint8 images.
 InputMode = Literal["float", "pixels", "uint8"]
 
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+NAME_LIMIT = 64
+VARIANT_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.+-]{{0,{NAME_LIMIT - 1}}}$")
+SEED_LIMIT = 2**32  # numpy's global seed is 32 bits
 DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_name(name: str, what: str) -> str:
+    """Names that become folder names: plain letters, digits and `_ . + -`, at most 64."""
+    if len(name) > NAME_LIMIT:
+        raise ValueError(
+            f"{what} {name[:NAME_LIMIT]!r}... is {len(name)} characters long; the limit is {NAME_LIMIT}"
+        )
+    if not VARIANT_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} must be 1-{NAME_LIMIT} letters, digits, '_', '.', '+' or '-', "
+            "starting with a letter or digit (it names a folder)"
+        )
+    return name
 
 
 class Section(BaseModel):
@@ -203,7 +220,7 @@ class StudentConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     variants: dict[str, list[LossTerm]] = Field(default_factory=lambda: {"baseline": list[LossTerm]()})
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("variants")
     @classmethod
@@ -212,11 +229,7 @@ class StudentConfig(Section):
         if not variants:
             raise ValueError("needs at least one variant, e.g. {baseline: []}")
         for name in variants:
-            if not VARIANT_NAME.match(name) or ".." in name:
-                raise ValueError(
-                    f"variant name {name!r} must be 1-64 letters, digits, '_', '.', "
-                    "'+' or '-', starting with a letter or digit (it names a folder)"
-                )
+            check_name(name, "variant name")
         return variants
 
     @field_validator("seeds")
@@ -323,7 +336,7 @@ class StudyConfig(Section):
 
 class Recipe(Section):
     name: str
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
     device: str = "auto"
     data: DataConfig
     teacher: TeacherConfig | None = None
@@ -343,12 +356,7 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        if not VARIANT_NAME.match(name) or ".." in name:
-            raise ValueError(
-                f"recipe name {name!r} must be letters, digits, '_', '.', '+' or '-' "
-                "(it names the default run folder)"
-            )
-        return name
+        return check_name(name, "recipe name")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -413,7 +421,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[leaf] = yaml.safe_load(text) if text.strip() else None
+    node[leaf] = load_yaml(text, f"the value of --set {key}", RecipeError) if text.strip() else None
 
 
 def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -437,24 +445,28 @@ def _allowed_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _format(error: ValidationError, prefix: str = "") -> str:
+    """Pydantic's errors as one line: each names its dotted key; long values are cut."""
     lines = []
     for item in error.errors():
         key = ".".join([prefix] * bool(prefix) + [str(part) for part in item["loc"]]) or "recipe"
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             allowed = [] if prefix else _allowed_at(tuple(item["loc"]))
             hint = did_you_mean(str(item["loc"][-1]), allowed) if allowed else ""
             listed = f" (allowed here: {', '.join(allowed)})" if allowed else ""
             lines.append(f"unknown recipe key '{key}'{hint}{listed}")
-        elif isinstance(item.get("input"), dict | list):  # a whole section: its value says nothing
+        elif isinstance(item.get("input"), dict | list) or item["type"] == "value_error":
             where = f"recipe key '{key}'" if item["loc"] else "recipe"
-            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{where}: {message}")  # a section, or a check that names the value itself
         else:
             value = item.get("input")
             hint = ""
             if item["type"] in ("list_type", "tuple_type") and isinstance(value, str) and "," in value:
                 hint = f"; write a list in brackets: {key}=[{value}]"
-            lines.append(f"recipe key '{key}': {item['msg']} (got {value!r}){hint}")
-    return "\n".join(lines)
+            got = repr(value)
+            got = got if len(got) <= 80 else got[:77] + "..."
+            lines.append(f"recipe key '{key}': {message} (got {got}){hint}")
+    return "; ".join(lines)
 
 
 def parse_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -483,15 +495,11 @@ def _recipes_near(path: Path) -> str:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe file (a regular file of at most MAX_YAML_BYTES), checked against the schema."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise RecipeError(f"recipe file not found: {path}{_recipes_near(path)}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"cannot read recipe {path}: {error}") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    raw = load_yaml(read_text(path, "recipe", MAX_YAML_BYTES, RecipeError), str(path), RecipeError)
     if raw is None:
         raise RecipeError(f"{path} is empty: a recipe needs at least 'data' and 'student' sections")
     if not isinstance(raw, dict):

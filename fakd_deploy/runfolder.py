@@ -1,30 +1,50 @@
 """The run folder: its layout, its manifest of finished stages, and its one writer.
 
 Everything a run writes lives under one root, at paths this module builds and checks:
-nothing a recipe names (variant names, export names) can point outside it. The manifest
-records, per stage, the key of its inputs and the sha256 of its outputs by their path
-*relative to the root*, so a copied or moved folder is checked by the files it holds.
-A lock file held with `flock` for the life of the process makes the folder single-writer;
-the kernel releases it when the holder dies, even by kill -9, so it never goes stale.
+nothing a recipe names (variant names, export names) can point outside it, and nothing
+inside it is followed through a symbolic link. The manifest records, per stage, its inputs,
+their key and the sha256 of its outputs by their path *relative to the root*, so a copied or
+moved folder is checked by the files it holds. A lock file held with `flock` for the life
+of the process makes the folder single-writer; the kernel releases it when the holder dies,
+even by kill -9, so it never goes stale. The lock file also records the temporary files its
+holder begins, so the next holder removes exactly those after a kill, and nothing a user put
+there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from fakd_deploy.errors import BadInput, RunFolderBusy
-from fakd_deploy.utils import SCRATCH, TMP_SUFFIX, file_sha256, save_json, text_sha256
+from fakd_deploy.inputs import read_text
+from fakd_deploy.utils import (
+    SCRATCH_NAME,
+    TEMPORARY_NAME,
+    file_sha256,
+    guarded,
+    no_links,
+    process_alive,
+    save_json,
+    text_sha256,
+)
 
 MANIFEST_VERSION = 2
+MAX_MANIFEST_BYTES = 64_000_000
+MAX_LOCK_BYTES = 16_000_000
+# The suffixes of a redone stage's folders: the new outputs grow in `<folder>.next` while the
+# previous ones stay in place; when complete they swap, and the previous go to `.previous`.
+NEXT, PREVIOUS = ".next", ".previous"
 
 
 class RunFolder:
@@ -72,29 +92,74 @@ class RunFolder:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
     def remove(self, path: Path) -> None:
-        """Delete a file or folder of the run; never anything outside it."""
-        if not path.resolve().is_relative_to(self.root.resolve()) or path.resolve() == self.root.resolve():
+        """Delete a file or folder of the run; never anything outside it, nor through a link
+        (a link itself is removed, not what it points to)."""
+        # A link at the end is the link itself, removed wherever it points.
+        where = path.parent.resolve() / path.name if path.is_symlink() else path.resolve()
+        if not where.is_relative_to(self.root.resolve()) or where == self.root.resolve():
             raise BadInput(f"refusing to delete {path}: it is not inside the run folder {self.root}")
+        no_links(path.parent)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
 
-    def remove_leftovers(self) -> list[Path]:
-        """Temporary files a killed process left: hidden `.<name>.*.tmp` files of atomic writes
-        and `.tmp` scratch folders (ONNX Runtime's calibration files)."""
-        leftovers = [p for p in self.root.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
-        leftovers += [p for p in self.root.rglob(SCRATCH) if p.is_dir()]
-        for path in sorted(leftovers, key=lambda p: len(p.parts), reverse=True):
-            if path.exists():
-                self.remove(path)
-        return leftovers
+    def remove_leftovers(self, recorded: list[str]) -> list[Path]:
+        """The temporary files and scratch folders a killed holder recorded (and only those
+        whose names have the forms this tool gives them) that are still there."""
+        removed = []
+        for relative in recorded:
+            path = self.root / relative
+            named = TEMPORARY_NAME.match(path.name) or SCRATCH_NAME.match(path.name)
+            if named and not Path(relative).is_absolute() and ".." not in Path(relative).parts:
+                with contextlib.suppress(BadInput, OSError):  # a link on the way: left alone
+                    if os.path.lexists(path):
+                        self.remove(path)
+                        removed.append(path)
+        return removed
+
+    def next_folder(self, folder: Path) -> Path:
+        return folder.with_name(folder.name + NEXT)
+
+    def previous_folder(self, folder: Path) -> Path:
+        return folder.with_name(folder.name + PREVIOUS)
+
+    def replace_folder(self, folder: Path, new: Path) -> None:
+        """Put `new` in place of `folder`; the folder it replaces is kept as `<folder>.previous`
+        (which replaces the one kept before)."""
+        if folder.exists() or folder.is_symlink():
+            previous = self.previous_folder(folder)
+            if previous.exists() or previous.is_symlink():
+                self.remove(previous)
+            os.rename(folder, previous)
+        os.rename(new, folder)
 
 
-def prepare_root(root: Path) -> None:
-    """Create the run folder, or say in one line why it cannot be one."""
+def has_content(folder: Path) -> bool:
+    """A folder that holds something (a link counts: it is never written through)."""
+    return folder.is_symlink() or (folder.is_dir() and any(folder.iterdir()))
+
+
+# What marks a folder as a run folder: `run`, `train`, `distill` and `study` write into a new,
+# empty or manifest-holding folder; `bench` also accepts a folder holding only a recipe.yaml.
+RUN_MARKS = ("manifest.json", "recipe.yaml")
+
+
+def prepare_root(root: Path, marks: tuple[str, ...] = RUN_MARKS) -> None:
+    """Create the run folder, or say in one line why it cannot be one.
+
+    An existing folder that holds files but none of `marks` is someone else's (a dataset, a
+    home folder): it is refused, so that nothing of it is overwritten or removed.
+    """
     if root.exists() and not root.is_dir():
         raise BadInput(f"--out {root} is a file; a run folder must be a directory")
+    if root.is_dir():
+        entries = [entry for entry in os.listdir(root) if entry != ".lock"]
+        if entries and not any(os.path.lexists(root / mark) for mark in marks):
+            raise BadInput(
+                f"--out {root} already holds files and is not a fakd-deploy run folder (it has no "
+                f"{' or '.join(marks)}); give a new or empty folder"
+            )
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -111,29 +176,29 @@ class RunLock:
     """Exclusive use of a run folder for one process (under torchrun: rank 0's).
 
     A second writer is refused at once with the holder's pid, host and command, instead of
-    two runs resuming from each other's checkpoints or deleting what the other writes.
+    two runs resuming from each other's checkpoints or deleting what the other writes. The
+    lock file is opened without following a link, and a child process forked while it is
+    held (a data loader worker) closes its copy at once, so the lock goes with its holder.
     """
 
-    def __init__(self, run: RunFolder) -> None:
+    HELD: ClassVar[dict[int, RunLock]] = {}  # by file descriptor: what a forked child closes
+
+    def __init__(self, run: RunFolder, marks: tuple[str, ...] = RUN_MARKS) -> None:
         self.run = run
+        self.marks = marks
         self.fd: int | None = None
+        self.guard: contextlib.AbstractContextManager[None] | None = None
 
     def __enter__(self) -> RunLock:
-        prepare_root(self.run.root)
-        path = self.run.lock_file
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise BadInput(f"cannot write to run folder {self.run.root}: {error.strerror}") from None
+        prepare_root(self.run.root, self.marks)
+        fd = open_lock(self.run.lock_file)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.pread(fd, 4096, 0).decode(errors="replace")
             os.close(fd)
-            raise RunFolderBusy(
-                f"run folder {self.run.root} is in use by {describe_holder(text)}; "
-                "wait for it to finish or choose another --out"
-            ) from None
+            raise RunFolderBusy(busy_message(self.run.root, text)) from None
+        recorded = recorded_paths(os.pread(fd, MAX_LOCK_BYTES, 0).decode(errors="replace"))
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -141,32 +206,171 @@ class RunLock:
             "since": datetime.datetime.now().isoformat(timespec="seconds"),
         }
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self.fd = fd
-        self.run.remove_leftovers()
+        RunLock.HELD[fd] = self
+        self.run.remove_leftovers(recorded)
+        self.guard = guarded(self.run.root, self.record)
+        self.guard.__enter__()
         return self
+
+    def record(self, path: Path) -> None:
+        """Note a temporary path before it is created (one JSON string per line)."""
+        if self.fd is not None:
+            os.lseek(self.fd, 0, os.SEEK_END)
+            os.write(self.fd, (json.dumps(self.run.relative(path)) + "\n").encode())
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        if self.guard is not None:
+            self.guard.__exit__(kind, error, trace)
+            self.guard = None
         if self.fd is not None:
+            RunLock.HELD.pop(self.fd, None)
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
+    @staticmethod
+    def forget_in_child() -> None:
+        """After a fork, in the child: close the copies of held locks (the parent keeps them)."""
+        for fd, lock in list(RunLock.HELD.items()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            lock.fd = None
+        RunLock.HELD.clear()
 
-def describe_holder(text: str) -> str:
+
+os.register_at_fork(after_in_child=RunLock.forget_in_child)
+
+
+def open_lock(path: Path) -> int:
+    """The lock file's descriptor: a regular file, never followed through a link."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        holder = json.loads(text)
-        return f"pid {holder['pid']} on {holder['host']} (since {holder['since']}: {holder['command']})"
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        if os.path.islink(path):
+            raise BadInput(
+                f"{path} is a symbolic link; a run folder's lock must be a plain file "
+                "(remove the link; nothing is written through it)"
+            ) from None
+        raise BadInput(f"cannot open the run folder's lock {path}: {error.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BadInput(f"{path} is not a regular file; remove it so the run folder can be locked")
+    if info.st_nlink > 1:  # a hard link: truncating it would truncate a file elsewhere
+        os.close(fd)
+        raise BadInput(
+            f"{path} has {info.st_nlink} names (a hard link to another file); a run folder's lock "
+            "must be its own file (remove it; nothing is written to it)"
+        )
+    return fd
+
+
+def recorded_paths(text: str) -> list[str]:
+    """The temporary paths a holder recorded: every line after the first that is a JSON string."""
+    paths = []
+    for line in text.splitlines()[1:]:
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, str):
+                paths.append(value)
+    return paths
+
+
+def busy_message(root: Path, text: str) -> str:
+    """Who holds the folder, and whether that process is still running."""
+    try:
+        holder = json.loads(text.split("\n", 1)[0])
+        who = f"pid {holder['pid']} on {holder['host']} (since {holder['since']}: {holder['command']})"
+        dead = holder["host"] == socket.gethostname() and not process_alive(int(holder["pid"]))
     except (ValueError, KeyError, TypeError):
-        return "another process"
+        who, dead = "another process", False
+    if dead:
+        return (
+            f"run folder {root} is still locked by the child processes of {who}, which is no "
+            "longer running; they end within seconds: run the command again then"
+        )
+    return f"run folder {root} is in use by {who}; wait for it to finish or choose another --out"
+
+
+def encode(part: Any) -> Any:
+    """A stage input as the manifest records it: a config section as its values, a file by
+    name and content, anything else as it is."""
+    if isinstance(part, Path):
+        return {"file": part.name, "sha256": file_sha256(part)}
+    if hasattr(part, "model_dump"):
+        return part.model_dump(mode="json")
+    return part
+
+
+def stage_key(*parts: Any) -> str:
+    """Hash of config sections (pydantic models or plain data) and input files (Paths).
+
+    Files count by name and content, not by where they are, so a moved run keeps its keys.
+    """
+    return encoded_key([encode(p) for p in parts])
+
+
+def encoded_key(encoded: list[Any]) -> str:
+    return text_sha256(json.dumps(encoded, sort_keys=True, default=str))
+
+
+def stage_inputs(inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The key of named stage inputs (`stage_key` of their values, in order) and the inputs
+    as plain JSON, which the manifest keeps to say later which of them changed."""
+    encoded = {name: encode(part) for name, part in inputs.items()}
+    return encoded_key(list(encoded.values())), json.loads(json.dumps(encoded, default=str))
+
+
+def changes(old: dict[str, Any], new: dict[str, Any], shown: int = 6) -> str:
+    """What differs between two recorded inputs, e.g. `teacher.train.steps 150 -> 1000`."""
+    before, after = flatten(old), flatten(new)
+    found = []
+    for key in [*after, *(k for k in before if k not in after)]:
+        if before.get(key) == after.get(key):
+            continue
+        value = after.get(key, before.get(key))
+        if isinstance(value, dict) and "sha256" in value:
+            found.append(f"{key} (file {value.get('file')}) changed")
+        elif key not in before:
+            found.append(f"{key} is new ({short(after[key])})")
+        elif key not in after:
+            found.append(f"{key} is gone (was {short(before[key])})")
+        else:
+            found.append(f"{key} {short(before[key])} -> {short(after[key])}")
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return ", ".join(found[:shown]) + more
+
+
+def flatten(inputs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys; a file stays one value."""
+    flat: dict[str, Any] = {}
+    for key, value in inputs.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and "sha256" not in value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Manifest:
-    """Stage keys and output hashes, rewritten atomically after each stage.
+    """Per stage: its inputs, their key, its outputs' hashes; rewritten atomically.
 
+    An entry is a stage's last *finished* record (`done: true`), with the attempt in progress
+    under `attempt` when one with other inputs has begun; or, before a stage ever finished,
+    its attempt itself (`done: false`). Keeping the finished record while another attempt
+    runs is what lets a folder go back to the inputs it holds without redoing anything.
     A manifest that cannot be read stops the run with its name; `fresh=True` (`--force`)
     ignores it and starts over.
     """
@@ -175,7 +379,7 @@ class Manifest:
         self.run = run
         self.path = run.manifest
         self.data: dict[str, Any] = {"version": MANIFEST_VERSION, "stages": {}}
-        if self.path.exists() and not fresh:
+        if os.path.lexists(self.path) and not fresh:
             self.data = read_manifest(self.path)
 
     def entry(self, name: str) -> dict[str, Any]:
@@ -188,36 +392,62 @@ class Manifest:
             return False
         for relative, sha in entry.get("outputs", {}).items():
             path = self.run.root / relative
-            if Path(relative).is_absolute() or not path.is_file() or file_sha256(path) != sha:
+            if Path(relative).is_absolute() or ".." in Path(relative).parts:
+                return False
+            if not no_links(path).is_file() or file_sha256(path) != sha:
                 return False
         return True
 
-    def start(self, name: str, key: str) -> bool:
-        """Mark a stage begun; True when an earlier attempt with the same key can be resumed."""
-        resumable = self.entry(name).get("key") == key
-        self.data["stages"][name] = {"key": key, "done": False}
+    def attempt(self, name: str) -> tuple[str, bool] | None:
+        """The unfinished attempt's key and whether it works in `<folder>.next`, if any."""
+        entry = self.entry(name)
+        if entry.get("done"):
+            pending = entry.get("attempt")
+            return (pending["key"], bool(pending.get("staging"))) if isinstance(pending, dict) else None
+        return (entry["key"], bool(entry.get("staging"))) if "key" in entry else None
+
+    def begin(self, name: str, key: str, inputs: dict[str, Any], staging: bool) -> None:
+        attempt = {"key": key, "inputs": inputs, "staging": staging}
+        entry = self.entry(name)
+        if entry.get("done"):
+            self.data["stages"][name] = {**entry, "attempt": attempt}
+        else:
+            self.data["stages"][name] = {**attempt, "done": False}
         self.save()
-        return resumable
 
     def finish(
         self,
         name: str,
         key: str,
-        outputs: list[Path],
+        outputs: dict[Path, Path],
         seconds: float,
         metrics: dict[str, Any] | None = None,
         versions: dict[str, str] | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> None:
-        self.data["stages"][name] = {
+        """Record a finished stage. `outputs` maps each output's final path to the file that
+        holds it now (the same path, or its copy in `<folder>.next` before the swap)."""
+        entry: dict[str, Any] = {
             "key": key,
             "done": True,
             "seconds": round(seconds, 2),
             "metrics": metrics or {},
-            "outputs": {self.run.relative(p): file_sha256(p) for p in outputs},
+            "outputs": {self.run.relative(final): file_sha256(now) for final, now in outputs.items()},
         }
+        if inputs is not None:
+            entry["inputs"] = inputs
+        pending = self.attempt(name)
+        if pending is not None and pending[1]:  # until the swap is done, a rerun resumes there
+            entry["attempt"] = {"key": key, "staging": True}
+        self.data["stages"][name] = entry
         if versions:
             self.data["versions"] = versions
         self.save()
+
+    def settle(self, name: str) -> None:
+        """The swap of a redone stage's folder is done: forget its attempt."""
+        if self.entry(name).pop("attempt", None) is not None:
+            self.save()
 
     def save(self) -> None:
         save_json(self.data, self.path)
@@ -225,11 +455,10 @@ class Manifest:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest's data, or one line naming the file and what is wrong with it."""
+    text = read_text(no_links(path), "manifest", MAX_MANIFEST_BYTES)
     try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise BadInput(f"cannot read {path}: {error.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as error:
+        data = json.loads(text)
+    except ValueError as error:
         raise BadInput(
             f"{path} is not valid JSON ({error}); rerun with --force to start the run folder over"
         ) from None
@@ -240,20 +469,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     if data.get("version") != MANIFEST_VERSION:
         data = {"version": MANIFEST_VERSION, "stages": {}}  # older layouts: every stage is checked again
+    if not all(isinstance(entry, dict) for entry in data["stages"].values()):
+        raise BadInput(f"{path} has a stage that is not a mapping; rerun with --force to start over")
     return data
-
-
-def stage_key(*parts: Any) -> str:
-    """Hash of config sections (pydantic models or plain data) and input files (Paths).
-
-    Files count by name and content, not by where they are, so a moved run keeps its keys.
-    """
-
-    def encode(part: Any) -> Any:
-        if isinstance(part, Path):
-            return {"file": part.name, "sha256": file_sha256(part)}
-        if hasattr(part, "model_dump"):
-            return part.model_dump(mode="json")
-        return part
-
-    return text_sha256(json.dumps([encode(p) for p in parts], sort_keys=True, default=str))

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,15 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fakd_deploy.data.splits import ValBatches
 from fakd_deploy.distill.distiller import Distiller
-from fakd_deploy.errors import Interrupted, TrainingError
+from fakd_deploy.distributed import rank_and_world
+from fakd_deploy.errors import FakdError, Interrupted, TrainingError
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.models import Checkpoint, TorchPredictor
 from fakd_deploy.progress import progress_bar
 from fakd_deploy.recipe import EvalConfig, TrainConfig
+from fakd_deploy.signals import StopSignal, quiet_worker, signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +58,6 @@ class Job:
     # stored in every checkpoint: recipe, class names, role, variant, seed
     meta: dict[str, Any] = field(default_factory=dict)
     description: str = "train"
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group `torchrun` describes; a no-op when run as one process."""
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return device
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return device
 
 
 def resolve_workers(workers: int | str) -> int:
@@ -117,7 +101,15 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-class SeededSamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+@dataclass
+class BadSample:
+    """A sample a loader worker could not read: its error travels to the main process as a
+    value, and is raised there as it was (one line), not wrapped in the worker's traceback."""
+
+    error: FakdError
+
+
+class SeededSamples(Dataset[tuple[torch.Tensor, torch.Tensor] | BadSample]):
     """Item (epoch, index) of a dataset, its augmentation seeded from (seed, epoch, index).
 
     A sample's augmentation is then the same whatever the number of loader workers and
@@ -127,13 +119,22 @@ class SeededSamples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, dataset: Any, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
         epoch, index = key
         transform: Any = getattr(self.dataset, "transform", None)
         if hasattr(transform, "set_random_seed"):
             transform.set_random_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-        image, mask = self.dataset[index]
+        try:
+            image, mask = self.dataset[index]
+        except FakdError as error:
+            return BadSample(error)
         return image, mask
+
+
+def collate(samples: list[Any]) -> Any:
+    """The batch, or the first sample that could not be read."""
+    bad = next((sample for sample in samples if isinstance(sample, BadSample)), None)
+    return bad if bad is not None else default_collate(samples)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -172,7 +173,9 @@ def batches(job: Job, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Ten
     """Training batches from `start_step` on.
 
     One loader iterator serves the whole run, so its worker processes start once and live
-    as long as the run (persistent by construction); memory is pinned on CUDA.
+    as long as the run (persistent by construction); memory is pinned on CUDA. Workers
+    ignore stop signals (the loop saves and stops them), and a sample that cannot be read
+    is raised here as its own one-line error.
     """
     sampler = EpochSampler(len(job.train_set), job.batch_size, job.seed, start_step * job.cfg.grad_accum)
     loader = DataLoader(
@@ -180,11 +183,18 @@ def batches(job: Job, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Ten
         batch_size=job.batch_size,
         sampler=sampler,
         num_workers=job.workers,
+        collate_fn=collate,
         drop_last=True,
         pin_memory=job.device.type == "cuda",
         generator=torch.Generator().manual_seed(job.seed),
+        worker_init_fn=quiet_worker if job.workers else None,
     )
-    return iter(loader)
+    with signals_blocked():
+        stream = iter(loader)
+    for batch in stream:
+        if isinstance(batch, BadSample):
+            raise batch.error
+        yield batch
 
 
 def rng_state() -> dict[str, Any]:
@@ -233,26 +243,6 @@ def validate(distiller: Distiller, job: Job) -> dict[str, Any]:
     )
     distiller.student.train(was_training)
     return result
-
-
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def fit(distiller: Distiller, job: Job, resume: bool = True) -> dict[str, Any]:

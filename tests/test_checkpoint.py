@@ -190,3 +190,51 @@ def test_import_of_a_corrupt_file(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"teacher\.pth is not a readable checkpoint"):
         import_state_dict(small_model(), path)
+
+
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ({"num_classes": 400_000_000}, r"num_classes 400000000 is outside 1\.\.1024"),
+        ({"num_classes": 0}, "num_classes 0"),
+        ({"num_classes": True}, "num_classes True"),
+        ({"num_classes": "4"}, "num_classes '4'"),
+        ({"channels": 10**9}, r"channels 1000000000 is outside 1\.\.2048"),
+        ({"flavour": "x"}, "flavour"),
+    ],
+)
+def test_an_arch_is_bounded_before_anything_is_allocated(saved: Path, arch: dict, message: str) -> None:
+    checkpoint = Checkpoint.load(saved)
+    checkpoint.arch = {**checkpoint.arch, **arch}
+    with pytest.raises(CheckpointError, match=rf"student\.pt.*{message}"):
+        checkpoint.build(str(saved))
+
+
+def test_the_zoo_itself_refuses_sizes_beyond_the_bounds() -> None:
+    from fakd_deploy.errors import BadInput
+
+    with pytest.raises(BadInput, match="outside the bounds"):
+        build_model("fcn", 5000, "resnet10t")
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_that_is_a_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        Checkpoint.load(tmp_path / "weights.pt")
+
+
+def test_unusable_tensors_are_named(model: Segmenter) -> None:
+    from fakd_deploy.models.weights import first_unusable
+
+    state = model.state_dict()
+    assert first_unusable(state) is None
+    variance = next(key for key in state if key.endswith("running_var"))
+    for value, kind in ((float("nan"), "NaN"), (float("inf"), "infinite"), (-0.5, "negative variance")):
+        damaged = {**state, variance: state[variance].clone()}
+        damaged[variance][3] = value
+        assert first_unusable(damaged) == f"'{variance}' holds {'a ' if value == -0.5 else ''}{kind}" + (
+            " values" if kind == "infinite" else ""
+        )

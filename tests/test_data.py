@@ -226,3 +226,119 @@ def test_summary_of_nothing_names_root(tmp_path: Path) -> None:
     (tmp_path / "classes.yaml").write_text("- a\n")
     with pytest.raises(DatasetError, match=re.escape(str(tmp_path))):
         summarize("camvid", tmp_path)
+
+
+def save(image: Image.Image, path: Path, **options: object) -> Path:
+    image.save(path, **options)
+    return path
+
+
+GREY = np.arange(24, dtype=np.uint8).reshape(4, 6)
+OPAQUE = np.full((4, 6), 255, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "mode, make, image, label",
+    [
+        ("RGB", lambda: Image.fromarray(np.dstack([GREY] * 3)), "grey", "ids"),
+        ("L", lambda: Image.fromarray(GREY), "grey", "ids"),
+        ("1", lambda: Image.fromarray(GREY > 10), "bilevel", "bilevel"),
+        ("LA opaque", lambda: Image.fromarray(np.dstack([GREY, OPAQUE]), "LA"), "grey", "ids"),
+        ("LA transparent", lambda: Image.fromarray(np.dstack([GREY, GREY]), "LA"), "refused", "refused"),
+        ("RGBA opaque", lambda: Image.fromarray(np.dstack([GREY] * 3 + [OPAQUE]), "RGBA"), "grey", "ids"),
+        ("RGBA transparent", lambda: Image.fromarray(np.dstack([GREY] * 4), "RGBA"), "refused", "refused"),
+        ("I;16", lambda: Image.fromarray(GREY.astype(np.uint16) * 1000), "refused", "ids x 1000"),
+    ],
+)
+def test_each_image_mode_means_one_thing(tmp_path: Path, mode: str, make, image: str, label: str) -> None:
+    """What a mode means as an image (8-bit RGB colours) and as a label (class ids); what is
+    ambiguous (16-bit colour, transparency) is refused naming the file and the mode."""
+    from fakd_deploy.data.base import read_indices, read_rgb
+
+    path = save(make(), tmp_path / "x.png")
+    expected = {
+        "grey": np.dstack([GREY] * 3),
+        "bilevel": np.dstack([np.where(GREY > 10, 255, 0)] * 3),
+        "ids": GREY,
+        "ids x 1000": GREY.astype(np.int64) * 1000,
+    }
+    expected["bilevel ids"] = (GREY > 10).astype(np.int64)
+    for reader, want in ((read_rgb, image), (read_indices, label if label != "bilevel" else "bilevel ids")):
+        if want == "refused":
+            with pytest.raises(DatasetError, match=rf"x\.png.*{mode.split()[0]}"):
+                reader(path)
+        else:
+            np.testing.assert_array_equal(reader(path), expected[want])
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "animation", "float"])
+def test_images_without_one_meaning_are_refused_by_name(tmp_path: Path, kind: str) -> None:
+    from fakd_deploy.data.base import read_indices, read_rgb
+
+    if kind == "cmyk":
+        path = save(Image.new("CMYK", (6, 4)), tmp_path / "x.jpg")
+    elif kind == "animation":
+        frames = [Image.fromarray(np.full((4, 6), 40 * i, np.uint8)).convert("RGB") for i in range(3)]
+        path = tmp_path / "x.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+    else:
+        path = save(Image.fromarray(GREY.astype(np.float32)), tmp_path / "x.tif")
+    for reader in (read_rgb, read_indices):
+        with pytest.raises(DatasetError, match=r"x\.(jpg|gif|tif)"):
+            reader(path)
+
+
+def test_an_opaque_la_label_is_read_not_called_a_size_mismatch(tmp_path: Path) -> None:
+    """Before: an LA label was read as H x W x 2 and reported as a size mismatch."""
+    make_folder(tmp_path)
+    ids = np.resize(np.array([0, 2, 255, 1], dtype=np.uint8), (6, 4)).T
+    save(Image.fromarray(np.dstack([ids, np.full((4, 6), 255, np.uint8)]), "LA"), tmp_path / "masks/x1.png")
+    _, mask = build_dataset("folder", tmp_path, "train")[0]
+    np.testing.assert_array_equal(mask, ids.astype(np.int64))
+
+
+@pytest.mark.timeout(60)
+def test_a_special_file_in_a_dataset_is_named_not_read(tmp_path: Path) -> None:
+    """A FIFO named like an image: before, `data check` blocked forever on it."""
+    import os
+
+    make_folder(tmp_path)
+    os.mkfifo(tmp_path / "images" / "x2.png")
+    write_label(tmp_path / "masks" / "x2.png", [0])
+    with pytest.raises(DatasetError, match=r"x2\.png is not a regular file"):
+        summarize("folder", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "- &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"- &l{i} [*{'a' if i == 0 else f'l{i - 1}'}, *{'a' if i == 0 else f'l{i - 1}'}]\n"
+                for i in range(20)
+            ),
+            "100,000 values",
+        ),
+        ("".join(f"- c{i}\n" for i in range(2000)), "limit is 1024"),
+        ("[a, b]\n[c]\n", "not valid YAML"),
+    ],
+)
+def test_a_class_list_is_read_within_bounds(tmp_path: Path, text: str, message: str) -> None:
+    make_folder(tmp_path)
+    (tmp_path / "classes.yaml").write_text(text)
+    with pytest.raises(DatasetError, match=message):
+        build_dataset("folder", tmp_path, "train")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_images": 10**12}, "num_images"),
+        ({"size": 100_000}, "the limit for an image"),
+        ({"num_classes": 400_000_000}, "num_classes"),
+    ],
+)
+def test_synthetic_sizes_are_bounded(options: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        build_dataset("synthetic", None, "train", **options)

@@ -144,7 +144,7 @@ def test_the_manifest_checks_the_files_of_a_copied_folder(tmp_path: Path) -> Non
     model = tmp_path / "a" / "deploy" / "m.int8.onnx"
     model.write_bytes(b"model bytes")
     manifest = Manifest(run)
-    manifest.finish("build:ort-cpu-int8", "key", [model], 1.0)
+    manifest.finish("build:ort-cpu-int8", "key", {model: model}, 1.0)
     assert list(json.loads(run.manifest.read_text())["stages"]["build:ort-cpu-int8"]["outputs"]) == [
         "deploy/m.int8.onnx"
     ]
@@ -216,7 +216,7 @@ def test_a_full_disk_is_one_line_with_exit_1(tmp_path: Path, artifacts: dict[str
         cli("predict", artifacts["onnx"], image, "--out", tmp_path / "out"),
         1,
         "cannot write",
-        "image.labels.png",
+        "labels.png",
         "No space left on device",
     )
 
@@ -326,19 +326,41 @@ def test_distill_needs_a_trained_teacher(tmp_path: Path, tiny_recipe: Path) -> N
     )
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from fakd_deploy.runfolder import RunFolder, RunLock
+from fakd_deploy.utils import atomic_write, temporary_files_in
+root = Path(sys.argv[1])
+with RunLock(RunFolder(root)):
+    (root / "students" / "kd_s0").mkdir(parents=True)
+    def die(tmp):
+        tmp.write_bytes(b"half a checkpoint")
+        with temporary_files_in(root / "deploy" / ".tmp"):
+            import tempfile
+            Path(tempfile.mkdtemp(prefix="ort.quant.")).joinpath("augmented_model.onnx").write_bytes(b"20 MB")
+            os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write(root / "students" / "kd_s0" / "last.pt", die)
+"""
+
+
 def test_leftovers_of_a_killed_writer_are_removed_by_the_next(tmp_path: Path) -> None:
-    run = RunFolder(tmp_path / "run")
-    (tmp_path / "run" / "students" / "kd_s0").mkdir(parents=True)
-    partial = tmp_path / "run" / "students" / "kd_s0" / ".last.pt.x1y2.tmp"
-    partial.write_bytes(b"half a checkpoint")
-    scratch = tmp_path / "run" / "deploy" / ".tmp" / "ort.quant.abc"
-    scratch.mkdir(parents=True)
-    (scratch / "augmented_model.onnx").write_bytes(b"20 MB of calibration graph")
-    keep = tmp_path / "run" / "students" / "kd_s0" / "last.pt"
-    keep.write_bytes(b"kept")
-    with RunLock(run):
-        assert not partial.exists() and not (tmp_path / "run" / "deploy" / ".tmp").exists()
-        assert keep.exists()
+    """What a writer killed by SIGKILL left (a half-written checkpoint, ONNX Runtime's scratch
+    files) is removed by the next lock holder; what the user keeps there is not."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    mine = [root / ".notes.tmp", root / ".tmp" / "draft.txt", root / "students" / ".x.0123456789abcdef.tmp"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(root)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    left = sorted(p.name for p in root.rglob("*") if p.name.startswith((".last.pt.", ".tmp.")))
+    assert len(left) == 2, left  # the half checkpoint and the scratch folder
+    with RunLock(RunFolder(root)):
+        assert not [p for p in root.rglob("*") if p.name.startswith((".last.pt.", ".tmp."))]
+    assert all(path.read_text() == "the user's" for path in mine)
 
 
 def test_quantization_keeps_its_temporary_files_beside_the_model(
@@ -361,16 +383,18 @@ def test_quantization_keeps_its_temporary_files_beside_the_model(
     data = load_recipe(Path(__file__).parent / "recipes" / "tiny.yaml").data
     out = tmp_path / "deploy" / "m.int8.onnx"
     quantize.quantize_ort_int8(artifacts["onnx"], out, calibration_images(data, 2))
-    assert seen == [tmp_path / "deploy" / ".tmp"]
-    assert not (tmp_path / "deploy" / ".tmp").exists() and tempfile.gettempdir() != str(seen[0])
+    from fakd_deploy.utils import SCRATCH_NAME
+
+    assert len(seen) == 1 and seen[0].parent == tmp_path / "deploy" and SCRATCH_NAME.match(seen[0].name)
+    assert not seen[0].exists() and tempfile.gettempdir() != str(seen[0])
 
 
 def test_other_ranks_follow_rank_zero_and_never_read_the_manifest(tmp_path: Path, monkeypatch) -> None:
-    from fakd_deploy import pipeline
+    from fakd_deploy import session as engine
     from fakd_deploy.recipe import load_recipe
 
-    monkeypatch.setattr(pipeline, "agree", lambda value: "resume")  # what rank 0 broadcast
-    session = pipeline.Session(
+    monkeypatch.setattr(engine, "agree", lambda value: engine.Plan("resume"))  # what rank 0 broadcast
+    session = engine.Session(
         load_recipe(Path(__file__).parent / "recipes" / "tiny.yaml"),
         RunFolder(tmp_path),
         False,
@@ -381,7 +405,7 @@ def test_other_ranks_follow_rank_zero_and_never_read_the_manifest(tmp_path: Path
         rank=1,
     )
     calls = []
-    session.stage("teacher", "key", lambda resume: calls.append(resume) or ([], {}))
+    session.stage("teacher", {"seed": 0}, lambda attempt: calls.append(attempt.resume) or ([], {}))
     assert calls == [True] and not (tmp_path / "manifest.json").exists()
 
 
@@ -469,3 +493,783 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch, artifacts: dict[
     monkeypatch.setattr("fakd_deploy.commands.evaluate", broken)
     result = cli("evaluate", artifacts["onnx"])
     assert isinstance(result.exception, ZeroDivisionError) and result.exit_code == 1
+
+
+# --- Data outside the run folder -------------------------------------------------------
+
+
+def test_a_lock_that_is_a_link_is_never_written_through(
+    tmp_path: Path, tiny_recipe: Path, artifacts: dict[str, Path]
+) -> None:
+    """`.lock` pointing at a user's file: `run --out` and `bench RUN` refuse it; the file keeps
+    its bytes (before: truncated to 0 bytes, exit 0)."""
+    victim = tmp_path / "thesis.tex"
+    victim.write_text("three years of work")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(tiny_recipe.read_text())
+    (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    (run / "students" / "kd_s0").mkdir(parents=True)
+    (run / "students" / "kd_s0" / "best.pt").write_bytes(artifacts["checkpoint"].read_bytes())
+    (run / ".lock").symlink_to(victim)
+    refused(cli("run", tiny_recipe, "--out", run), 2, ".lock is a symbolic link")
+    refused(cli("bench", run, "--backends", "pytorch"), 2, ".lock is a symbolic link")
+    assert victim.read_text() == "three years of work"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_lock_that_is_not_a_plain_file_is_refused(tmp_path: Path, kind: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    if kind == "fifo":
+        os.mkfifo(run / ".lock")
+    else:
+        (run / ".lock").mkdir()
+    with pytest.raises(BadInput, match=r"\.lock"):
+        RunLock(RunFolder(run)).__enter__()
+
+
+def test_an_out_folder_that_is_not_a_run_folder_is_refused_and_left_alone(
+    tmp_path: Path, tiny_recipe: Path, artifacts: dict[str, Path]
+) -> None:
+    """`--out` on a dataset or home folder: refused naming it; its `.tmp/` folder and `*.tmp`
+    files stay (before: deleted by the lock's clean-up)."""
+    folder = tmp_path / "my-dataset"
+    (folder / ".tmp").mkdir(parents=True)
+    (folder / ".tmp" / "work.txt").write_text("mine")
+    (folder / ".draft.tmp").write_text("mine too")
+    (folder / "images").mkdir()
+    teacher = ["--teacher", artifacts["checkpoint"]]
+    for command in (["run"], ["train"], ["distill", *teacher], ["study", "--set", "study.lam0=[1]"]):
+        result = cli(command[0], tiny_recipe, "--out", folder, *command[1:])
+        refused(result, 2, "my-dataset", "not a fakd-deploy run folder")
+    assert (folder / ".tmp" / "work.txt").read_text() == "mine"
+    assert (folder / ".draft.tmp").read_text() == "mine too"
+    assert sorted(p.name for p in folder.iterdir()) == [".draft.tmp", ".tmp", "images"]
+
+
+def test_a_hand_edited_lock_cannot_make_the_next_holder_delete_anything_else(tmp_path: Path) -> None:
+    """Only recorded paths with the names this tool gives its temporary files are removed,
+    and never through a link or outside the folder."""
+    run = tmp_path / "run"
+    (run / "students" / "kd_s0").mkdir(parents=True)
+    (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    (tmp_path / "outside").mkdir()
+    keep = {
+        "best.pt": run / "students" / "kd_s0" / "best.pt",
+        "outside": tmp_path / "outside" / ".x.0123456789abcdef.tmp",
+        "via-link": tmp_path / "outside" / ".y.0123456789abcdef.tmp",
+    }
+    for path in keep.values():
+        path.write_text("keep")
+    (run / "link").symlink_to(tmp_path / "outside")
+    recorded = [
+        "students/kd_s0/best.pt",
+        "../outside/.x.0123456789abcdef.tmp",
+        "link/.y.0123456789abcdef.tmp",
+    ]
+    (run / ".lock").write_text('{"pid": 1}\n' + "".join(json.dumps(r) + "\n" for r in recorded))
+    with RunLock(RunFolder(run)):
+        pass
+    assert all(path.read_text() == "keep" for path in keep.values())
+
+
+@pytest.mark.parametrize("link", ["teacher", "students", "manifest.json"])
+def test_nothing_inside_the_run_folder_is_followed_through_a_link(
+    tmp_path: Path, tiny_recipe: Path, link: str
+) -> None:
+    """A stage folder or the manifest that is a symbolic link to a place outside the run
+    folder: refused by name, and nothing is written there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    run = tmp_path / "run"
+    run.mkdir()
+    if link != "manifest.json":
+        (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    (run / link).symlink_to(outside / "manifest.json" if link == "manifest.json" else outside)
+    result = cli("run", tiny_recipe, "--out", run)
+    refused(result, 2, link)
+    assert "is a symbolic link" in result.output or "outside the run folder" in result.output
+    assert [p.name for p in outside.iterdir()] == ["manifest.json"]
+    assert (outside / "manifest.json").read_text() == '{"version": 2, "stages": {}}'
+
+
+def test_a_checkpoint_that_is_a_link_is_not_resumed_from(
+    tmp_path: Path, tiny_recipe: Path, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    interrupt_training_at(monkeypatch, 3)
+    assert cli("train", tiny_recipe, "--out", out).exit_code == 130
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere.pt"
+    (out / "teacher" / "last.pt").rename(elsewhere)
+    (out / "teacher" / "last.pt").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    refused(cli("train", tiny_recipe, "--out", out), 2, "last.pt is a symbolic link")
+    assert elsewhere.read_bytes() == before
+
+
+def test_deletes_and_writes_refuse_a_link_on_the_way(tmp_path: Path) -> None:
+    from fakd_deploy.utils import save_text
+
+    run = RunFolder(tmp_path / "run")
+    (tmp_path / "run" / "inner").mkdir(parents=True)
+    (tmp_path / "run" / "alias").symlink_to(tmp_path / "run" / "inner")  # a link inside the folder
+    (tmp_path / "run" / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    (tmp_path / "run" / "inner" / "x").write_text("x")
+    with RunLock(run):
+        with pytest.raises(BadInput, match="symbolic link"):
+            run.remove(tmp_path / "run" / "alias" / "x")
+        with pytest.raises(BadInput, match="symbolic link"):
+            save_text("y", tmp_path / "run" / "alias" / "y")
+    assert (tmp_path / "run" / "inner" / "x").exists() and not (tmp_path / "run" / "inner" / "y").exists()
+
+
+def test_a_second_lock_in_the_same_process_is_refused(tmp_path: Path) -> None:
+    from fakd_deploy.errors import RunFolderBusy
+
+    with RunLock(RunFolder(tmp_path / "run")), pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"):
+        RunLock(RunFolder(tmp_path / "run")).__enter__()
+
+
+# --- A redone stage keeps the work it replaces ------------------------------------------
+
+
+def interrupt_training_at(monkeypatch, call: int) -> None:
+    """Send SIGINT to this process at the `call`-th forward pass of any distiller."""
+    import signal
+
+    from fakd_deploy.distill.distiller import Distiller
+
+    original = Distiller.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "forward", forward)
+
+
+def test_a_redone_stage_keeps_the_work_it_replaces_until_done(
+    tmp_path: Path, tiny_recipe: Path, monkeypatch
+) -> None:
+    """The teacher scenario: a teacher trained with overrides, then `run` without them,
+    interrupted. The trained teacher stays in place, one line says what changed, `distill`
+    agrees with `run` that it is not this recipe's teacher, recipe.yaml still describes the
+    teacher that exists; finishing the redo swaps the folders and keeps the old one aside."""
+    from fakd_deploy.models import Checkpoint
+
+    out = tmp_path / "run"
+    other = ["--set", "teacher.model.encoder=resnet18", "--set", "teacher.train.steps=2"]
+    assert cli("train", tiny_recipe, "--out", out, *other).exit_code == 0
+    trained = (out / "teacher" / "best.pt").read_bytes()
+    described = (out / "recipe.yaml").read_text()
+    assert "resnet18" in described
+
+    refused(
+        cli("distill", tiny_recipe, "--out", out, "--variant", "kd"),
+        2,
+        "not this recipe's",
+        'teacher.model.encoder "resnet18" -> "resnet10t"',
+        "teacher.train.steps 2 -> 4",
+    )
+    interrupt_training_at(monkeypatch, 3)
+    result = cli("run", tiny_recipe, "--out", out)
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if "redo teacher" in line]
+    assert len(lines) == 1 and 'teacher.model.encoder "resnet18" -> "resnet10t"' in lines[0]
+    assert "teacher.previous" in lines[0]
+    assert (out / "teacher" / "best.pt").read_bytes() == trained
+    assert (out / "teacher.next" / "last.pt").is_file()
+    assert (out / "recipe.yaml").read_text() == described
+
+    monkeypatch.undo()
+    result = cli("train", tiny_recipe, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "resuming teacher from" in result.output and "teacher.next" in result.output
+    assert Checkpoint.load(out / "teacher" / "best.pt").arch["encoder"] == "resnet10t"
+    assert (out / "teacher.previous" / "best.pt").read_bytes() == trained
+    assert not (out / "teacher.next").exists() and "resnet18" not in (out / "recipe.yaml").read_text()
+    assert "skip teacher" in cli("train", tiny_recipe, "--out", out).output
+
+
+def test_a_swap_cut_short_is_finished_by_the_next_attempt(tmp_path: Path, monkeypatch) -> None:
+    """Killed between moving the old folder aside and moving the new one in: the next
+    attempt finds the complete new outputs in `<folder>.next` and finishes the swap."""
+    from fakd_deploy import runfolder
+    from fakd_deploy.recipe import load_recipe
+    from fakd_deploy.session import Session
+
+    recipe = load_recipe(Path(__file__).parent / "recipes" / "tiny.yaml")
+    run = RunFolder(tmp_path / "run")
+    stage = run.root / "stage"
+
+    def session() -> Session:
+        return Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run))
+
+    def work(content: str, seen: list) -> object:
+        def write(attempt):
+            seen.append(attempt)
+            attempt.folder.mkdir(parents=True, exist_ok=True)
+            if not (attempt.folder / "out").exists():
+                (attempt.folder / "out").write_text(content)
+            return [attempt.folder / "out"], {}
+
+        return write
+
+    run.root.mkdir()
+    session().stage("s", {"v": 1}, work("one", []), folder=stage)
+    renames = []
+    real_rename = os.rename
+
+    def killed_after_one(source, target):
+        renames.append(target)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # what a kill between the two renames leaves
+        real_rename(source, target)
+
+    monkeypatch.setattr(runfolder.os, "rename", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        session().stage("s", {"v": 2}, work("two", []), folder=stage)
+    monkeypatch.undo()
+    assert not stage.exists() and (run.root / "stage.previous" / "out").read_text() == "one"
+    seen: list = []
+    session().stage("s", {"v": 2}, work("never written", seen), folder=stage)
+    assert seen[0].resume and seen[0].folder == run.root / "stage.next"
+    assert (stage / "out").read_text() == "two" and (run.root / "stage.previous" / "out").read_text() == "one"
+    assert Manifest(run).is_done("s", Manifest(run).entry("s")["key"])
+
+
+def test_changes_name_the_keys_and_files_that_differ() -> None:
+    from fakd_deploy.runfolder import changes
+
+    before = {"teacher.train": {"steps": 150, "lr": 0.01}, "teacher": {"file": "best.pt", "sha256": "a"}}
+    after = {"teacher.train": {"steps": 1000, "lr": 0.01}, "teacher": {"file": "best.pt", "sha256": "b"}}
+    assert changes(before, after) == "teacher.train.steps 150 -> 1000, teacher (file best.pt) changed"
+    assert changes({"seed": 0}, {"seed": 0, "split": "val"}) == 'split is new ("val")'
+
+
+# --- Non-finite values ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf variance", "negative variance"])
+def test_teacher_weights_that_are_not_finite_are_refused_before_training(
+    tmp_path: Path, tiny_recipe: Path, damage: str
+) -> None:
+    from fakd_deploy.models import build_model
+    from fakd_deploy.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe)
+    state = build_model(num_classes=6, **recipe.teacher.model.build_kwargs()).state_dict()
+    name = next(key for key in state if key.endswith("running_var"))
+    if damage == "nan":
+        name = next(key for key in state if key.endswith("weight"))
+        state[name][0] = float("nan")
+    else:
+        state[name][0] = float("inf") if damage == "inf variance" else -1.0
+    weights = tmp_path / "teacher.pth"
+    torch.save(state, weights)
+    result = cli("train", tiny_recipe, "--out", tmp_path / "r", "--set", f"teacher.weights={weights}")
+    refused(result, 2, "teacher.pth", name)
+    assert not (tmp_path / "r").exists()
+    checkpoint = tmp_path / "teacher.pt"
+    from fakd_deploy.models import Checkpoint
+
+    Checkpoint(model=state, arch={**recipe.teacher.model.build_kwargs(), "num_classes": 6}).save(checkpoint)
+    refused(cli("distill", tiny_recipe, "--out", tmp_path / "d", "--teacher", checkpoint), 2, name)
+    assert not (tmp_path / "d").exists()
+
+
+# --- Bad input: one line and exit 2 -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("seed=[", ["--set seed", "not valid YAML"]),
+        ("seed=!!python/object/apply:os.system ['touch pwned']", ["--set seed", "python/object"]),
+        ("seed=-1", ["seed"]),
+        ("seed=18446744073709551616", ["seed"]),
+        ("student.seeds=[0, 4294967296]", ["student.seeds"]),
+        ("data.options=" + "[" * 100 + "]" * 100, ["nest"]),
+    ],
+)
+def test_an_override_that_is_not_plain_yaml_is_one_line(tmp_path: Path, tiny_recipe: Path, override, names):
+    result = cli("run", tiny_recipe, "--out", tmp_path / "r", "--set", override)
+    refused(result, 2, *names)
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and not Path("pwned").exists()
+
+
+def test_an_alias_bomb_and_a_huge_recipe_are_refused_at_once(tmp_path: Path) -> None:
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
+    bomb.write_text("\n".join(levels) + "\ndata: {}\nstudent: {}\n")
+    assert len(bomb.read_bytes()) < 600
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("data: {}\nstudent: {}\n# " + "x" * 50_000_000 + "\n")
+    started = time.perf_counter()
+    refused(cli("train", bomb, "--out", tmp_path / "b"), 2, "bomb.yaml", "100,000 values")
+    refused(cli("train", huge, "--out", tmp_path / "h"), 2, "huge.yaml", "1,000,000 bytes")
+    assert time.perf_counter() - started < 30  # before: minutes and gigabytes
+
+
+def test_a_checkpoint_asking_for_a_huge_model_is_refused_before_allocating(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    from fakd_deploy.models import Checkpoint
+
+    real = Checkpoint.load(artifacts["checkpoint"])
+    for arch, name in (({"num_classes": 400_000_000}, "num_classes"), ({"channels": 10**9}, "channels")):
+        path = tmp_path / f"{name}.pt"
+        Checkpoint(model=real.model, arch={**real.arch, **arch}, recipe=real.recipe).save(path)
+        image = tmp_path / "image.png"
+        Image.new("RGB", (32, 32)).save(image)
+        refused(cli("predict", path, image, "--out", tmp_path / "p"), 2, f"{name}.pt", name, "outside 1..")
+        refused(cli("evaluate", path), 2, f"{name}.pt")  # the class count, or the bound
+
+
+def test_a_stored_checkpoint_never_fetches_weights(
+    tmp_path: Path, artifacts: dict[str, Path], monkeypatch
+) -> None:
+    """`arch.pretrained` naming hub weights is ignored: the checkpoint holds its weights."""
+    from fakd_deploy.models import Checkpoint, segmenter
+
+    real = Checkpoint.load(artifacts["checkpoint"])
+    path = tmp_path / "hub.pt"
+    Checkpoint(
+        model=real.model, arch={**real.arch, "pretrained": "resnet10t.c3_in1k"}, recipe=real.recipe
+    ).save(path)
+
+    def network(*args: object) -> None:
+        raise AssertionError("a stored checkpoint asked for hub weights")
+
+    monkeypatch.setattr(segmenter, "_hub_name", network)
+    model = Checkpoint.load(path).build(str(path))
+    for key, value in real.model.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert cli("evaluate", path, "--max-images", "2").exit_code == 0
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds no pixels: enough for a reader to judge the size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_image_modes_and_sizes_are_read_or_refused_by_name(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """20000 x 20000 PNG: refused by its size before decoding (before: PIL's traceback); a
+    16-bit image: refused naming the mode (before: read as all white)."""
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header(20000, 20000))
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(deep)
+    refused(
+        cli("predict", artifacts["onnx"], huge, "--out", tmp_path / "p"), 2, "huge.png", "89,478,485 pixels"
+    )
+    refused(cli("predict", artifacts["onnx"], deep, "--out", tmp_path / "p"), 2, "deep.png", "I;16")
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_a_bad_label_in_a_loader_worker_is_one_line(tmp_path: Path, tiny_recipe: Path) -> None:
+    """Before: 21 lines, the worker's traceback inside the message."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for index in range(4):
+            Image.new("RGB", (32, 32)).save(root / "images" / split / f"{index}.png")
+            Image.new("L", (32, 32), 9 if (split, index) == ("train", 2) else 1).save(
+                root / "masks" / split / f"{index}.png"
+            )
+    (root / "classes.yaml").write_text("[a, b, c]\n")
+    result = cli(
+        "train",
+        tiny_recipe,
+        "--out",
+        tmp_path / "r",
+        *("--set", "data.name=folder", "--set", f"data.root={root}", "--set", "data.options={}"),
+        *("--set", "data.workers=2", "--set", "data.batch_size=2"),
+    )
+    refused(result, 2, "2.png", "label value(s) 9")
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert errors[-1].startswith("error:") and "DataLoader worker" not in result.output
+
+
+def test_control_characters_in_a_message_are_escaped(tmp_path: Path) -> None:
+    """A file name with a newline cannot add a line the attacker wrote; escape sequences do
+    not reach the terminal."""
+    for name in ("model\nerror: all good, exit 0.onnx", "model\x1b[2J.onnx", "model\u2028x.onnx"):
+        result = cli("evaluate", tmp_path / name)
+        refused(result, 2)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert "\x1b" not in result.output and "\u2028" not in result.output
+    assert "model\\nerror: all good" in cli("evaluate", tmp_path / "model\nerror: all good.onnx").output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["image", "recipe", "checkpoint", "dataset image", "split list"])
+def test_special_files_are_refused_not_read(tmp_path: Path, artifacts: dict[str, Path], what: str) -> None:
+    """A FIFO where a file is expected: refused at once (before: the reader blocked forever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if what == "image":
+        result = cli("predict", artifacts["onnx"], fifo, "--out", tmp_path / "p")
+    elif what == "recipe":
+        result = cli("train", fifo, "--out", tmp_path / "r")
+    elif what == "checkpoint":
+        result = cli("evaluate", fifo.rename(tmp_path / "fifo.pt"))
+    else:
+        root = tmp_path / "camvid"
+        root.mkdir()
+        Image.new("RGB", (8, 8)).save(root / "a.png")
+        Image.new("L", (8, 8)).save(root / "a_L.png")
+        if what == "split list":
+            fifo.rename(root / "train.txt")
+        else:
+            (root / "train.txt").write_text("/fifo.png /a_L.png\n")
+            fifo.rename(root / "fifo.png")
+        result = cli("data", "check", "camvid", root)
+    refused(result, 2, "not a regular file")
+
+
+def test_the_synthetic_dataset_has_three_splits(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    refused(cli("evaluate", artifacts["onnx"], "--set", "data.val_split=tset"), 2, "no split 'tset'")
+
+
+# --- Signals and processes --------------------------------------------------------------
+
+
+def test_a_signal_outside_training_exits_130_and_leaves_no_temporary_files(
+    tmp_path: Path, artifacts: dict[str, Path], monkeypatch
+) -> None:
+    """SIGTERM while a build writes (inside ONNX Runtime's calibration and an atomic write):
+    exit 130 and nothing temporary left (before: exit 143, `.X.tmp` and `.tmp/` left)."""
+    import signal
+
+    from fakd_deploy.deploy import quantize
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(artifacts["onnx"].read_bytes())
+    real = quantize.quantize_static
+
+    def terminated(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(quantize, "quantize_static", terminated)
+    result = cli("build", onnx, "--backend", "ort-cpu-int8", "--calib", "2")
+    assert result.exit_code == 130, result.output
+    assert "interrupted: stopped by SIGTERM" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
+
+
+def test_a_signal_ignored_at_start_stays_ignored() -> None:
+    import signal
+
+    from fakd_deploy.signals import interrupt_on_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with interrupt_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_dead_holder_is_told_from_a_live_one(tmp_path: Path) -> None:
+    import socket
+
+    from fakd_deploy.runfolder import busy_message
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "since": "now", "command": "train"}
+    assert "no longer running" in busy_message(tmp_path, json.dumps(holder))
+    alive = {**holder, "pid": os.getpid()}
+    assert "is in use by" in busy_message(tmp_path, json.dumps(alive))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_says_so(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    """A real full file system (a 256 KB tmpfs): "No space left on device" and the path
+    (before: torch's "unexpected pos ..."); nothing is left behind."""
+    from fakd_deploy.errors import WriteFailed
+    from fakd_deploy.models import Checkpoint
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root; the simulated full disk is tested without it")
+    try:
+        with pytest.raises(WriteFailed, match=r"cannot write .*small/last\.pt: No space left on device"):
+            Checkpoint.load(artifacts["checkpoint"]).save(mount / "last.pt")
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_seen_through_a_python_file_names_enospc(
+    tmp_path: Path, artifacts: dict[str, Path], monkeypatch
+):
+    """The same without root: the file torch writes to raises the OS's ENOSPC."""
+    import builtins
+
+    from fakd_deploy.errors import WriteFailed
+    from fakd_deploy.models import Checkpoint
+
+    class Full:
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda file, mode="r", *a, **k: (
+            Full(real_open(file, mode, *a, **k)) if mode == "wb" else real_open(file, mode, *a, **k)
+        ),
+    )
+    with pytest.raises(WriteFailed, match=r"cannot write .*last\.pt: No space left on device"):
+        Checkpoint.load(artifacts["checkpoint"]).save(tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_during_bench_exits_130_and_keeps_the_report(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """Before: killed by the signal (exit 143 in a shell), no message."""
+    import signal
+    import time
+
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("the previous report")
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "cli.py"),
+        "bench",
+        artifacts["onnx"],
+    ]
+    options = ["--out", report, "--backends", "ort-cpu-fp32", "--seconds", "120", "--warmup", "0"]
+    proc = subprocess.Popen([str(a) for a in command + options], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not catches(proc.pid, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into the timing loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
+    assert sorted(p.name for p in report.iterdir()) == ["report.md"]
+    assert (report / "report.md").read_text() == "the previous report"
+
+
+def test_recording_versions_imports_no_runtime() -> None:
+    code = (
+        "import sys; from fakd_deploy.session import versions; v = versions(); "
+        "print('onnxruntime' in sys.modules, v['onnxruntime'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "False" and out[1] != "not installed"  # installed here, found without importing it
+
+
+# --- Issue cases on the deploy side, and variants tried against the fixes -----------------
+
+
+def damaged_folder_dataset(root: Path, classes: int = 6) -> None:
+    """A folder dataset of two images, the second one truncated."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text(json.dumps([f"c{i}" for i in range(classes)]))
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{name}.png")
+        mask = rng.integers(0, classes, (32, 32), dtype=np.uint8)
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    damaged = root / "images" / "b.png"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
+
+def test_bench_on_data_it_cannot_read_is_exit_2_and_keeps_the_report(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """Before: exit 0, every row "loads, fails to run", the good report overwritten. The data
+    is at fault, not the model: one line naming the image, before anything is timed."""
+    damaged_folder_dataset(tmp_path / "data")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("the previous report")
+    result = cli(
+        "bench", artifacts["onnx"], "--out", report, "--backends", "ort-cpu-fp32",
+        "--set", "data.name=folder", "--set", "data.options={}", "--set", f"data.root={tmp_path / 'data'}",
+        "--seconds", "0.1",
+    )  # fmt: skip
+    refused(result, 2, "b.png")
+    assert sorted(p.name for p in report.iterdir()) == ["report.md"]
+    assert (report / "report.md").read_text() == "the previous report"
+
+
+def test_a_lock_that_is_a_hard_link_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A variant of the linked lock: a hard link is a regular file that O_NOFOLLOW opens, and
+    truncating it would truncate the user's file under its other name."""
+    victim = tmp_path / "thesis.tex"
+    victim.write_text("three years of work")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    os.link(victim, run / ".lock")
+    with pytest.raises(BadInput, match=r"\.lock has 2 names"):
+        RunLock(RunFolder(run)).__enter__()
+    assert victim.read_text() == "three years of work"
+
+
+@pytest.mark.parametrize("name", ["teacher.next", "teacher.previous"])
+def test_a_link_where_a_redo_keeps_its_work_is_removed_not_followed(tmp_path: Path, name: str) -> None:
+    """`teacher.next` or `teacher.previous` planted as a link to a user's folder: the link is
+    removed, what it points to is kept (before: refused as outside the run folder)."""
+    from fakd_deploy.recipe import load_recipe
+    from fakd_deploy.session import Session
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    stage = run.root / "teacher"
+    recipe = load_recipe(Path(__file__).parent / "recipes" / "tiny.yaml")
+
+    def work(content: str):
+        def write(attempt):
+            attempt.folder.mkdir(parents=True, exist_ok=True)
+            (attempt.folder / "out").write_text(content)
+            return [attempt.folder / "out"], {}
+
+        return write
+
+    session = Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run))
+    session.stage("teacher", {"v": 1}, work("one"), folder=stage)
+    (run.root / name).symlink_to(outside)
+    session = Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run))
+    session.stage("teacher", {"v": 2}, work("two"), folder=stage)
+    assert (stage / "out").read_text() == "two"
+    assert (run.root / "teacher.previous" / "out").read_text() == "one"
+    assert not (run.root / "teacher.previous").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert (outside / "keep.txt").read_text() == "mine"
+
+
+def test_a_stored_recipe_and_metadata_are_bounded(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    """The YAML bounds hold for a recipe carried in an ONNX model's metadata, and each
+    metadata value is bounded before it is decoded."""
+    from fakd_deploy.deploy.onnx_meta import load_onnx, write_metadata
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(12)
+    )
+    for value, message in ((bomb, "expands to more than"), ("x" * 2_000_001, "the limit is")):
+        model = load_onnx(artifacts["onnx"])
+        write_metadata(model, {"recipe": value})
+        path = tmp_path / "m.onnx"
+        path.write_bytes(model.SerializeToString())
+        refused(cli("evaluate", path), 2, "m.onnx", message)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"just text"'])
+def test_an_engine_sidecar_that_is_not_a_json_object_is_one_line(tmp_path: Path, text: str) -> None:
+    from fakd_deploy.deploy.trt import sidecar_path
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    sidecar_path(engine).write_text(text)
+    refused(cli("evaluate", engine), 2, sidecar_path(engine).name)
+
+
+@pytest.mark.parametrize(
+    "variant", ["manifest is a folder", "manifest is a FIFO", "file where a stage folder goes"]
+)
+def test_a_run_folder_of_the_wrong_kinds_of_file(tmp_path: Path, tiny_recipe: Path, variant: str) -> None:
+    """Variants: special files where the run folder's own files or folders go are named,
+    never read (a FIFO would hang) and never followed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if variant == "manifest is a folder":
+        (run / "manifest.json").mkdir()
+        refused(cli("train", tiny_recipe, "--out", run), 2, "manifest.json", "directory")
+    elif variant == "manifest is a FIFO":
+        os.mkfifo(run / "manifest.json")
+        refused(cli("train", tiny_recipe, "--out", run), 2, "manifest.json", "not a regular file")
+    else:
+        (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+        (run / "teacher").write_text("a file the user put here")
+        (run / "students").symlink_to(tmp_path)
+        refused(cli("run", tiny_recipe, "--out", run), 2, "students/baseline_s0", "outside the run folder")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, "\x00\xff\xfe garbage", "data: {name: synthetic}\n" * 60_000],
+)
+def test_garbage_recipes_are_one_line(tmp_path: Path, text: str) -> None:
+    """Variants of the bounded recipe: nesting deep enough to exhaust the parser's stack,
+    bytes that are not text, a file just over the size bound."""
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    result = cli("train", path, "--out", tmp_path / "run")
+    refused(result, 2, "recipe.yaml")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_another_class_count_and_a_json_folder(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """Before: exit 0 with a meaningless mIoU; `--json DIR` and `--json ""` exit 1 "Device or
+    resource busy"."""
+    wrong = ["--set", "data.options.num_classes=11"]
+    refused(cli("evaluate", artifacts["onnx"], *wrong), 2, "classes", "has 11")
+    for target in (tmp_path, ""):
+        refused(cli("evaluate", artifacts["onnx"], "--json", target), 2, "--json", "folder")

@@ -95,7 +95,8 @@ def test_schema_names_match_the_registries() -> None:
 
 
 def test_recipe_module_is_a_leaf() -> None:
-    """Loading a recipe imports none of the modules it names (data, models, losses, backends)."""
+    """Loading a recipe imports none of the modules it names (data, models, losses, backends),
+    only the bounded reader of user files."""
     import subprocess
     import sys
 
@@ -104,7 +105,13 @@ def test_recipe_module_is_a_leaf() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('fakd_deploy')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(out) == ["fakd_deploy", "fakd_deploy.errors", "fakd_deploy.recipe"]
+    assert eval(out) == [
+        "fakd_deploy",
+        "fakd_deploy.errors",
+        "fakd_deploy.inputs",
+        "fakd_deploy.recipe",
+        "fakd_deploy.suggest",
+    ]
 
 
 def test_distillation_without_teacher_is_an_error() -> None:
@@ -222,3 +229,67 @@ def test_readme_recipe_reference_names_every_key() -> None:
         if not re.search(rf"\b{name}\b", reference)
     }
     assert not missing, f"README's recipe reference does not mention {sorted(missing)}"
+
+
+def test_a_repeated_key_is_refused(tmp_path: Path) -> None:
+    """Two `data:` sections: before, the last won silently."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("data: {name: synthetic}\nstudent: {}\ndata: {name: camvid}\n")
+    with pytest.raises(RecipeError, match=r"twice\.yaml.*'data' appears twice.*line 3"):
+        load_recipe(path)
+    path.write_text("data: {}\nstudent:\n  train: {steps: 3}\n  train: {steps: 4}\n")
+    with pytest.raises(RecipeError, match="'train' appears twice"):
+        load_recipe(path)
+
+
+def test_merge_keys_still_override() -> None:
+    """`<<: *base` followed by a key of its own is YAML's override, not a repeated key."""
+    from fakd_deploy.inputs import load_yaml
+
+    data = load_yaml("base: &b {steps: 3, lr: 0.5}\nx: {<<: *b, steps: 4}\n", "r", RecipeError)
+    assert data["x"] == {"steps": 4, "lr": 0.5}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a: &a [*a]\n", "nests lists and mappings more than 64 deep"),
+        ("a: " + "[" * 3000 + "]" * 3000 + "\n", "nest"),
+        ("a: !!python/name:os.system\n", "python/name"),
+        ("a: !!python/object/new:os.system [ls]\n", "python/object"),
+        (
+            "x: &x [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+            + "".join(
+                f"l{i}: &l{i} [*{'x' if i == 0 else f'l{i - 1}'}, *{'x' if i == 0 else f'l{i - 1}'}]\n"
+                for i in range(20)
+            ),
+            "100,000 values",
+        ),
+    ],
+)
+def test_yaml_traps_are_refused_in_one_line(text: str, message: str) -> None:
+    from fakd_deploy.inputs import load_yaml
+
+    with pytest.raises(RecipeError, match=message) as error:
+        load_yaml(text, "trap.yaml", RecipeError)
+    assert "\n" not in str(error.value)
+
+
+def test_several_errors_are_one_line() -> None:
+    with pytest.raises(RecipeError) as error:
+        recipe(student={"train": {"steps": -1, "lr": -1}})
+    assert "\n" not in str(error.value) and "steps" in str(error.value) and "lr" in str(error.value)
+
+
+@pytest.mark.parametrize("field", ["name", "variant"])
+def test_a_name_too_long_says_the_limit(field: str) -> None:
+    long = "a" * 65
+    sections = {"name": long} if field == "name" else {"student": {"variants": {long: []}}}
+    with pytest.raises(RecipeError, match=r"65 characters long; the limit is 64"):
+        parse_recipe({**MINIMAL, **sections})
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null"])
+def test_a_recipe_that_is_not_a_regular_file_is_refused(path: str) -> None:
+    with pytest.raises(RecipeError, match="not a regular file"):
+        load_recipe(path)

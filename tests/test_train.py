@@ -364,3 +364,146 @@ def test_two_nodes_train_one_student_and_pool_fakd_statistics(
     assert last.step == steps and last.complete
     count = last.training["distiller"]["estimators.diagonal.count"]
     assert int(count.sum()) == steps * 2 * batch * 8 * 8
+
+
+def test_sighup_saves_the_state_like_sigint(tmp_path: Path, monkeypatch) -> None:
+    """A closed terminal (SIGHUP) stops training after the step, with last.pt saved."""
+    distiller, job = tiny_job(tmp_path)
+    original = Distiller.forward
+    calls = {"n": 0}
+
+    def forward_then_hangup(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGHUP)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "forward", forward_then_hangup)
+    with pytest.raises(Interrupted, match=f"signal {int(signal.SIGHUP)}"):
+        fit(distiller, job)
+    assert load(tmp_path / "last.pt").step == 2
+
+
+def long_training(out: Path, workers: int) -> list[str]:
+    overrides = [
+        "teacher.train.steps=2000",
+        "teacher.train.checkpoint_every=3",
+        "teacher.train.eval_every=2000",
+        "teacher.train.log_every=3",
+        f"data.workers={workers}",
+    ]
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "train",
+        str(TINY),
+        "--out",
+        str(out),
+        *[arg for item in overrides for arg in ("--set", item)],
+    ]
+
+
+def wait_for(path: Path, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"{path} never appeared"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_exits_130(tmp_path: Path) -> None:
+    """What Slurm and systemd send: SIGTERM to the whole group, loader workers included.
+    Before: a DataLoader traceback and exit 1, the work since the last save lost."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        long_training(out, workers=2), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    wait_for(out / "teacher" / "last.pt")
+    assert children(proc.pid), "the loader workers should be running"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "stopped by signal 15" in " ".join(err.split())
+    assert load(out / "teacher" / "last.pt").step > 0
+
+
+@pytest.mark.slow
+def test_a_rerun_right_after_kill_9_is_not_refused(tmp_path: Path) -> None:
+    """The loader workers of a killed trainer live on for a few seconds; they no longer
+    hold the run folder's lock (before: "in use by pid N" although N was dead)."""
+    from fakd_deploy.runfolder import RunFolder, RunLock
+    from fakd_deploy.utils import process_alive
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(long_training(out, workers=2), stderr=subprocess.DEVNULL)
+    wait_for(out / "teacher" / "last.pt")
+    workers = children(proc.pid)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(process_alive(pid) for pid in workers)  # the case: orphaned workers still running
+    with RunLock(RunFolder(out)):
+        pass
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_rank_killed_says_which_in_one_line(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    """kill -9 of rank 1: rank 0 ends with one line naming the rank and saying the same
+    command resumes (before: gloo's traceback)."""
+    logs = tmp_path / "logs"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        *long_training(tmp_path / "run", workers=0)[1:],
+    ]
+    proc = subprocess.Popen(
+        launch,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        wait_for(tmp_path / "run" / "teacher" / "last.pt", 300)
+        ranks = {}
+        for pid in children(proc.pid):
+            env = dict(
+                item.split("=", 1)
+                for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                if "=" in item
+            )
+            ranks[env.get("RANK")] = pid
+        os.kill(ranks["1"], signal.SIGKILL)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (rank0,) = logs.glob("**/attempt_0/0/stderr.log")
+    text = rank0.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"rank 1 (pid {ranks['1']})" in lines[0] and "resume" in lines[0], text[-3000:]

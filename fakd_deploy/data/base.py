@@ -6,6 +6,7 @@ installed; the training augmentation (`data.transforms`) turns their arrays into
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fakd_deploy.errors import DatasetError
+from fakd_deploy.inputs import MAX_IMAGE_PIXELS, open_regular
 
 IGNORE = 255
 
@@ -45,32 +47,89 @@ def require_split(path: Path, what: str) -> Path:
     return path
 
 
+def decode(path: Path) -> Image.Image:
+    """A fully decoded image file, its size checked before decoding; a missing, special,
+    huge, truncated or non-image file names itself."""
+    with open_regular(path, "image", DatasetError) as handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{image.width}x{image.height}")
+                image.load()
+                frames = getattr(image, "n_frames", 1)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DatasetError(
+                f"{path} has more than {MAX_IMAGE_PIXELS:,} pixels, the limit for an image "
+                "(decoding it could take gigabytes)"
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise DatasetError(f"{path} is not a readable image (truncated or corrupt?): {error}") from None
+    if frames > 1:
+        raise DatasetError(f"{path} holds {frames} frames (an animation or a stack); give one image per file")
+    return image
+
+
+# What each PIL mode means, as an image (colour) and as a label (class ids). A mode that is
+# not listed is refused, naming the file and the mode.
+COLOUR = {"RGB", "L", "1", "P", "YCbCr"}  # read as their RGB colours
+ALPHA = {"RGBA": "RGB", "LA": "L", "PA": "P", "RGBa": "RGB", "La": "L"}  # read when opaque everywhere
+INDICES = {"L", "P", "1", "I", "I;16", "I;16L", "I;16B"}  # values are the class ids
+
+
+def opaque(image: Image.Image, path: Path) -> Image.Image:
+    """The image without its alpha band, when the alpha says nothing (opaque everywhere); a
+    transparent pixel has no defined colour or class, so it is refused."""
+    if image.mode not in ALPHA:
+        return image
+    if (np.asarray(image.getchannel("A")) != 255).any():
+        raise DatasetError(
+            f"{path} is a {image.mode} image with transparent pixels, whose colour or class is "
+            "undefined; save it without an alpha channel"
+        )
+    return image.convert(ALPHA[image.mode])
+
+
 def open_image(path: Path) -> Image.Image:
-    """A fully decoded image; a missing, truncated or non-image file names itself."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DatasetError(f"{path} is not a readable image (truncated or corrupt?): {error}") from None
+    """An image as the 8-bit RGB colours a model reads: grey, palette, bilevel and YCbCr
+    images are converted, an alpha band must be opaque, and 16-bit, float and CMYK images
+    are refused (their conversion to 8-bit RGB is a choice the user must make)."""
+    image = decode(path)
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # a palette's transparent entry: colours with alpha
+    image = opaque(image, path)
+    if image.mode not in COLOUR:
+        raise DatasetError(
+            f"{path} is a {image.mode} image; images are read as 8-bit RGB: convert it "
+            "(16-bit, float and CMYK images have no single conversion)"
+        )
+    return image.convert("RGB")
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    return np.asarray(open_image(path).convert("RGB"))
+    return np.asarray(open_image(path))
 
 
 def read_indices(path: Path) -> np.ndarray:
-    """Class ids of a label PNG; palette PNGs give their indices, never their colours."""
-    image = open_image(path)
-    if image.mode in ("RGB", "RGBA"):
-        channels = np.asarray(image)[..., :3]
+    """Class ids of a label PNG; palette PNGs give their indices, never their colours.
+
+    Single-channel labels (8, 16 or 32 bits) are ids as stored; an RGB label whose three
+    channels agree is read as grey; an alpha band must be opaque everywhere.
+    """
+    image = opaque(decode(path), path)
+    if image.mode == "RGB":
+        channels = np.asarray(image)
         if (channels != channels[..., :1]).any():
             raise DatasetError(
                 f"{path}: the label is a colour image; save class ids as a single-channel or palette PNG"
             )
         return channels[..., 0].astype(np.int64)
+    if image.mode not in INDICES:
+        raise DatasetError(
+            f"{path} is a {image.mode} label; labels must hold class ids: a single-channel "
+            "(8 or 16-bit), palette or grey RGB PNG"
+        )
     return np.asarray(image).astype(np.int64)
 
 

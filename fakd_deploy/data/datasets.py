@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import yaml
 
 from fakd_deploy.data.base import (
     IGNORE,
@@ -23,6 +22,7 @@ from fakd_deploy.data.base import (
     require,
     require_split,
 )
+from fakd_deploy.inputs import MAX_CLASSES, MAX_LIST_BYTES, MAX_YAML_BYTES, load_yaml, read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def listed_pairs(root: Path, listing: Path) -> list[tuple[Path, Path]]:
     """`image label` pairs, one per line, relative to root (the SegNet/CamVid list format)."""
     pairs = []
-    for line in require_split(listing, "split list").read_text().splitlines():
+    for line in read_list(require_split(listing, "split list")).splitlines():
         if line.strip():
             if len(line.split()) < 2:
                 raise DatasetError(f"{listing}: line {line!r} must name an image and its label")
@@ -382,7 +382,7 @@ class PascalVOC(SegmentationDataset):
         if augmented and (lists / f"{split}_aug.txt").exists():
             listing = lists / f"{split}_aug.txt"
         labels = root / ("SegmentationClassAug" if augmented else "SegmentationClass")
-        names = require_split(listing, "VOC split list").read_text().split()
+        names = read_list(require_split(listing, "VOC split list")).split()
         pairs = [(root / "JPEGImages" / f"{n}.jpg", labels / f"{n}.png") for n in names]
         super().__init__(pairs, self.CLASS_NAMES, transform, ignore_index)
 
@@ -415,10 +415,18 @@ class Folder(SegmentationDataset):
 
 
 def read_class_names(path: Path) -> list[str]:
-    names = yaml.safe_load(require(path, "class list").read_text())
+    text = read_text(require(path, "class list"), "class list", MAX_YAML_BYTES, DatasetError)
+    names = load_yaml(text, str(path), DatasetError)
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{path} must be a YAML list of class names")
+    if len(names) > MAX_CLASSES:
+        raise DatasetError(f"{path} lists {len(names)} classes; the limit is {MAX_CLASSES}")
     return [str(name) for name in names]
+
+
+def read_list(path: Path) -> str:
+    """A split list: a regular text file of at most MAX_LIST_BYTES."""
+    return read_text(path, "split list", MAX_LIST_BYTES, DatasetError)
 
 
 def split_folders(root: Path, split: str) -> tuple[Path, Path]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from fakd_deploy.data.base import IGNORE, MissingSplit, Transform
 from fakd_deploy.errors import DatasetError
+from fakd_deploy.inputs import MAX_CLASSES, MAX_IMAGE_PIXELS
 
 TEXTURES = ("stripes", "checker", "blobs", "grain")
 SHAPES = ("ellipse", "rectangle", "polygon")
@@ -99,6 +100,7 @@ def draw_shape(canvas: np.ndarray, value: int, rng: np.random.Generator) -> None
 
 
 SPLITS = {"train": 512, "val": 128, "test": 128}  # the splits there are, and their default sizes
+MAX_IMAGES = 10_000_000  # per split: a training run draws a permutation of them each epoch
 
 
 def split_size(num_images: int | dict[str, int] | None, split: str) -> int:
@@ -113,8 +115,10 @@ def split_size(num_images: int | dict[str, int] | None, split: str) -> int:
         count = num_images.get(split, SPLITS[split])
     else:
         count = SPLITS[split] if num_images is None else num_images
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise DatasetError(f"data.options.num_images must be a positive whole number, got {count!r}")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_IMAGES:
+        raise DatasetError(
+            f"data.options.num_images must be a whole number in 1..{MAX_IMAGES:,}, got {count!r}"
+        )
     return count
 
 
@@ -141,14 +145,19 @@ class Synthetic:
     ) -> None:
         if root is not None:
             raise DatasetError(f"the synthetic dataset is generated, not read: remove data.root ({root})")
-        if num_classes < 6:
-            raise DatasetError(f"synthetic data needs num_classes >= 6, got {num_classes}")
+        if not isinstance(num_classes, int) or not 6 <= num_classes <= MAX_CLASSES:
+            raise DatasetError(f"synthetic data needs num_classes in 6..{MAX_CLASSES}, got {num_classes!r}")
         if split not in SPLITS:
             raise MissingSplit(
                 f"the synthetic dataset has no split '{split}': its splits are {', '.join(SPLITS)}"
             )
         self.ignore_index = ignore_index
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if min(self.size) < 1 or self.size[0] * self.size[1] > MAX_IMAGE_PIXELS:
+            raise DatasetError(
+                f"data.options.size {list(self.size)} must be positive and at most "
+                f"{MAX_IMAGE_PIXELS:,} pixels, the limit for an image"
+            )
         self.split, self.seed, self.transform = split, seed, transform
         self.count = split_size(num_images, split)
         self.styles = class_styles(num_classes, seed)

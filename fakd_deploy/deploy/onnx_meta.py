@@ -14,7 +14,8 @@ from typing import Any
 import onnx
 from google.protobuf.message import DecodeError
 
-from fakd_deploy.errors import ArtifactError
+from fakd_deploy.errors import ArtifactError, printable
+from fakd_deploy.inputs import MAX_METADATA_BYTES
 
 TEXT_KEYS = frozenset({"recipe"})
 
@@ -56,8 +57,14 @@ def _decode(key: str, value: str) -> Any:
         return value  # written by another tool
 
 
-def model_metadata(model: onnx.ModelProto) -> dict[str, Any]:
-    """The decoded `metadata_props` of a loaded model."""
+def model_metadata(model: onnx.ModelProto, path: str | Path = "the model") -> dict[str, Any]:
+    """The decoded `metadata_props` of a loaded model, each value at most MAX_METADATA_BYTES."""
+    for prop in model.metadata_props:
+        if len(prop.value) > MAX_METADATA_BYTES:
+            raise ArtifactError(
+                f"{path}: metadata '{printable(prop.key[:64])}' holds {len(prop.value):,} characters; "
+                f"the limit is {MAX_METADATA_BYTES:,}"
+            )
     return {prop.key: _decode(prop.key, prop.value) for prop in model.metadata_props}
 
 
@@ -76,4 +83,4 @@ def graph_to_model(graph: Any, original: onnx.ModelProto) -> onnx.ModelProto:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded `metadata_props` of an ONNX file; the weights are not read."""
-    return model_metadata(load_onnx(path, load_external_data=False))
+    return model_metadata(load_onnx(path, load_external_data=False), path)

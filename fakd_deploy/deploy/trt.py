@@ -36,6 +36,7 @@ import numpy as np
 
 from fakd_deploy.deploy import cuda
 from fakd_deploy.errors import ArtifactError, BackendUnavailable, BuildError
+from fakd_deploy.inputs import read_bounded
 from fakd_deploy.predictor import as_prediction, pad_to_batch, run_fixed_batch
 from fakd_deploy.utils import atomic_write, file_sha256, save_json
 
@@ -276,11 +277,10 @@ def load_sidecar(engine: str | Path) -> dict[str, Any]:
             f"{engine} has no sidecar {path.name}, so where it was built is "
             "unknown; rebuild it with `fakd-deploy build`"
         )
-    if path.stat().st_size > MAX_SIDECAR_BYTES:
-        raise ArtifactError(f"{path}: {path.stat().st_size} bytes; a sidecar is at most {MAX_SIDECAR_BYTES}")
+    data = read_bounded(path, "engine sidecar", MAX_SIDECAR_BYTES, ArtifactError)  # a regular file only
     try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
+        sidecar = json.loads(data)
+    except ValueError as error:  # UnicodeDecodeError included
         raise ArtifactError(
             f"{path} is not valid JSON ({type(error).__name__}): rebuild the engine"
         ) from None

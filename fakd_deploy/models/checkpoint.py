@@ -11,12 +11,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 from torch import Tensor, nn
 
-from fakd_deploy.errors import CheckpointError, WriteFailed
+from fakd_deploy.errors import BadInput, CheckpointError, WriteFailed
+from fakd_deploy.inputs import MAX_CHANNELS, MAX_CLASSES
 from fakd_deploy.models.segmenter import Segmenter, build_model
 from fakd_deploy.models.weights import read_tensors, unwrap_state
 from fakd_deploy.recipe import Recipe, parse_recipe
@@ -52,10 +53,16 @@ class Checkpoint:
         payload = {"format": FORMAT, **asdict(self)}
 
         def write(tmp: Path) -> None:
-            try:
-                torch.save(payload, tmp)
-            except RuntimeError as error:  # torch's zip writer reports a full disk this way
-                raise WriteFailed(f"cannot write {path}: {error} (is the disk full?)") from None
+            # Through a Python file, so that a full disk is the OS's ENOSPC (which atomic_write
+            # names) rather than the zip writer's "unexpected pos" that replaces it.
+            with open(tmp, "wb") as handle:
+                stream = ErrorKeeping(handle)
+                try:
+                    torch.save(payload, cast(BinaryIO, stream))
+                except RuntimeError as error:
+                    if stream.error is not None:
+                        raise stream.error from None
+                    raise WriteFailed(f"cannot write {path}: {error} (is the disk full?)") from None
 
         return atomic_write(path, write)
 
@@ -81,10 +88,16 @@ class Checkpoint:
         return parse_recipe(self.recipe) if self.recipe else None
 
     def build(self, source: str = "the checkpoint") -> Segmenter:
-        """The model with these weights, in eval mode."""
+        """The model with these weights, in eval mode.
+
+        The weights are the checkpoint's own: nothing is downloaded, whatever `arch` says, and
+        the sizes it asks for are bounded before anything is allocated.
+        """
+        arch = {**self.arch, "pretrained": None}
         try:
-            model = build_model(**self.arch)
-        except TypeError as error:
+            check_arch(arch)
+            model = build_model(**arch)
+        except (TypeError, BadInput) as error:
             raise CheckpointError(f"the arch of {source} is not a zoo model: {error}") from None
         try:
             model.load_state_dict(self.model)
@@ -93,6 +106,33 @@ class Checkpoint:
                 f"the weights of {source} do not fit its arch {self.arch}: {error}"
             ) from None
         return model.eval()
+
+
+class ErrorKeeping:
+    """A file for `torch.save` that keeps the OS error a write met: torch's zip writer
+    reports its own "unexpected pos" instead."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def check_arch(arch: dict[str, Any]) -> None:
+    """The sizes a stored `arch` asks for, checked before a model of that size is allocated."""
+    for key, limit in (("num_classes", MAX_CLASSES), ("channels", MAX_CHANNELS)):
+        value = arch.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise BadInput(f"{key} {value!r} is outside 1..{limit}")
 
 
 def load_model(path: str | Path) -> Segmenter:

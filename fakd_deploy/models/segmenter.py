@@ -12,6 +12,7 @@ from timm.models import FeatureInfo
 from torch import Tensor, nn
 
 from fakd_deploy.errors import BadInput
+from fakd_deploy.inputs import MAX_CHANNELS, MAX_CLASSES
 from fakd_deploy.models.heads import HEADS, STAGE3, Head, conv_bn_relu
 
 # The four deepest levels of every timm encoder: nominal strides 4, 8, 16 and 32.
@@ -135,6 +136,11 @@ def build_model(
         raise BadInput(f"unknown model '{name}'; choose one of: {', '.join(HEADS)}")
     head_cls = HEADS[name]
     head_kwargs["channels"] = head_kwargs.get("channels") or head_cls.default_channels
+    if not 1 <= num_classes <= MAX_CLASSES or not 1 <= head_kwargs["channels"] <= MAX_CHANNELS:
+        raise BadInput(
+            f"a model of {num_classes} classes and {head_kwargs['channels']} channels is outside the "
+            f"bounds (1..{MAX_CLASSES} classes, 1..{MAX_CHANNELS} channels)"
+        )
     body = Encoder(encoder, output_stride, pretrained)
     head = head_cls(body.channels, output_stride, **head_kwargs)
     config = {
