@@ -171,20 +171,37 @@ def main(
 
 
 @app.command(cls=Command)
-def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def run(
+    recipe: RecipeArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    redo: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="STAGE",
+            help="Redo this stage although it is up to date: bench, build, build:BACKEND, export, "
+            "evaluate, teacher or student:VARIANT_sSEED (repeatable).",
+        ),
+    ] = None,
+) -> None:
     """Run every stage of a recipe; finished stages are skipped, interrupted ones resume.
 
-    Example: [bold]fakd-deploy run recipes/quickstart.yaml --out runs/quick[/bold]
+    Example: [bold]fakd-deploy run recipes/quickstart.yaml --out runs/quick --redo bench[/bold]
     """
     with reported():
         from fakd_deploy.pipeline import run as run_pipeline
+        from fakd_deploy.progress import files_lines
         from fakd_deploy.tables import variant_table
 
-        result = run_pipeline(recipe, out, set_, force)
+        result = run_pipeline(recipe, out, set_, force, tuple(redo or ()))
         if result.evaluation:
             results.print(variant_table(result.evaluation))
         if result.bench:
             show_bench(result.bench)
+        say(f"ran {len(result.ran)} stage(s), skipped {len(result.skipped)} up to date", "green")
+        for line in files_lines(result.written, result.folder):
+            say(line)
         say(f"done: {result.folder}", "green")
 
 
@@ -557,8 +574,10 @@ def package(
         typer.Option(help="With --model: the backend it is shipped for (default: its natural one)."),
     ] = None,
 ) -> None:
-    """A folder a Jetson or a Triton server runs as is: the chosen model, labels, palette,
-    preprocessing, infer.py, a Triton model folder and a DeepStream nvinfer configuration.
+    """A folder a Jetson or a Triton server runs as is, for the chosen model.
+
+    It holds the model, labels, palette, preprocessing, infer.py, a Triton model folder and a
+    DeepStream nvinfer configuration.
 
     Example: [bold]fakd-deploy package runs/quickstart --out bundle[/bold]
     """

@@ -327,11 +327,27 @@ class RunResult:
     folder: Path
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     bench: BenchReport | None = None
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
 
 
-def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False) -> RunResult:
-    """Every stage in order: teacher, students, evaluation, export, builds, bench."""
-    with session(recipe, out, force) as s:
+REDOABLE = ("teacher", "student", "evaluate", "export", "build", "bench")
+
+
+def run_recipe(
+    recipe: Recipe, out: Path | None = None, force: bool = False, redo: tuple[str, ...] = ()
+) -> RunResult:
+    """Every stage in order: teacher, students, evaluation, export, builds, bench.
+
+    `redo` names stages to redo although they are up to date (`bench`, `build`, or one
+    `build:<backend>` or `student:<variant>_s<seed>`); the stages after them follow only
+    if their inputs changed.
+    """
+    unknown = [name for name in redo if name.split(":", 1)[0] not in REDOABLE]
+    if unknown:
+        raise BadInput(f"--redo {', '.join(unknown)}: a stage is one of {', '.join(REDOABLE)}")
+    with session(recipe, out, force, redo=redo) as s:
         teacher = train_teacher(s) if recipe.teacher else None
         checkpoints = {"teacher": teacher} if teacher else {}
         for variant in recipe.student.variants:
@@ -343,13 +359,18 @@ def run_recipe(recipe: Recipe, out: Path | None = None, force: bool = False) -> 
         deployed = s.run.student(recipe.export_variant(), recipe.student.seeds[0]) / "best.pt"
         onnx = export_student(s, deployed)
         build_backends(s, onnx)
-        return RunResult(s.run.root, rows, bench_stage(s))
+        report = bench_stage(s)
+        return RunResult(s.run.root, rows, report, s.ran, s.skipped, s.written)
 
 
 def run(
-    recipe_path: Path, out: Path | None = None, overrides: list[str] | None = None, force: bool = False
+    recipe_path: Path,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    redo: tuple[str, ...] = (),
 ) -> RunResult:
-    return run_recipe(load_recipe(recipe_path, overrides or []), out, force)
+    return run_recipe(load_recipe(recipe_path, overrides or []), out, force, redo)
 
 
 def train(

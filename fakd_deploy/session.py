@@ -24,7 +24,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,14 @@ class Session:
     class_names: list[str]
     manifest: Manifest | None = None  # rank 0 only
     rank: int = 0
+    redo: tuple[str, ...] = ()  # stages to redo although up to date (`run --redo bench`)
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    def redoes(self, name: str) -> bool:
+        """`--redo build` names every `build:*` stage; `--redo build:ort-cpu-int8` one of them."""
+        return any(name == asked or name.startswith(f"{asked}:") for asked in self.redo)
 
     def stage(
         self, name: str, inputs: dict[str, Any], work: Work, folder: Path | None = None
@@ -105,13 +113,16 @@ class Session:
         assert plan is not None
         if plan.action == "skip":
             log.info(f"skip {name}: outputs are up to date")
+            self.skipped.append(name)
             return self.manifest.entry(name)["metrics"] if self.manifest else {}
+        self.ran.append(name)
         where = self.run.next_folder(folder) if folder is not None and plan.staging else folder
         started = time.perf_counter()
         outputs, metrics = work(Attempt(plan.action == "resume", where))
         if self.manifest is not None:
             final = {final_path(path, where, folder): path for path in outputs}
             self.manifest.finish(name, key, final, time.perf_counter() - started, metrics, versions(), record)
+            self.written.extend(final)
             if folder is not None and where is not None and plan.staging:
                 self.run.replace_folder(folder, where)
                 self.manifest.settle(name)
@@ -125,7 +136,7 @@ class Session:
         manifest, entry = self.manifest, self.manifest.entry(name)
         if folder is not None:
             no_links(folder)
-        if not self.force:
+        if not (self.force or self.redoes(name)):
             if manifest.is_done(name, key):
                 return Plan("skip")
             attempt = manifest.attempt(name)
@@ -148,7 +159,7 @@ class Session:
 
     def redo_line(self, name: str, entry: dict[str, Any], record: dict[str, Any], kept: Path | None) -> str:
         """One line: why the stage is redone, and where its previous outputs are meanwhile."""
-        line = f"redo {name}: {self.why(entry, record)}"
+        line = f"redo {name}: {self.why(entry, record, name)}"
         if kept is not None:
             line += (
                 f"; the previous outputs stay in {self.run.relative(kept)}/ until the new ones are "
@@ -156,9 +167,11 @@ class Session:
             )
         return line
 
-    def why(self, entry: dict[str, Any], record: dict[str, Any]) -> str:
+    def why(self, entry: dict[str, Any], record: dict[str, Any], name: str = "") -> str:
         if self.force:
             return "--force"
+        if self.redoes(name):
+            return f"--redo {name}"
         before = entry.get("inputs")
         if not isinstance(before, dict):
             return "its inputs changed (the run that made it did not record which)"
@@ -260,7 +273,11 @@ def preflight(recipe: Recipe, teacher: Path | None = None) -> tuple[int, list[st
 
 @contextmanager
 def session(
-    recipe: Recipe, out: Path | None, force: bool = False, teacher: Path | None = None
+    recipe: Recipe,
+    out: Path | None,
+    force: bool = False,
+    teacher: Path | None = None,
+    redo: tuple[str, ...] = (),
 ) -> Iterator[Session]:
     """Check the recipe, then hold the run folder (rank 0); the resolved recipe is saved in it
     when the command has finished."""
@@ -270,10 +287,21 @@ def session(
     rank, _ = rank_and_world()
     with rank_failures_reported():
         if rank != 0:
-            yield Session(recipe, run, force, device, num_classes, class_names, rank=rank)
+            yield Session(recipe, run, force, device, num_classes, class_names, rank=rank, redo=redo)
             return
         with RunLock(run, marks=("manifest.json",)):
             manifest = Manifest(run, fresh=force)
+            done = sum(1 for entry in manifest.data["stages"].values() if entry.get("done"))
+            log.info(
+                f"run folder {run.root}: "
+                + (
+                    f"{done} stage(s) done before, each skipped while its inputs are unchanged"
+                    if done
+                    else "new"
+                )
+                + (f"; redo: {', '.join(redo)}" if redo else "")
+                + ("; --force: every stage is redone" if force else "")
+            )
             manifest.save()  # marks the folder as a run folder from the start
-            yield Session(recipe, run, force, device, num_classes, class_names, manifest)
+            yield Session(recipe, run, force, device, num_classes, class_names, manifest, redo=redo)
             save_text(recipe.to_yaml(), run.recipe)
