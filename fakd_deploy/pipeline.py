@@ -184,6 +184,28 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
     return folder / "best.pt"
 
 
+def recorded_validation(checkpoint: Checkpoint, recipe: Recipe, split: str) -> dict[str, Any] | None:
+    """The validation a student checkpoint recorded of its own weights while training, when it
+    is exactly what evaluating it here would compute; None otherwise.
+
+    Training validates with the same `evaluate` call on the same split, so the numbers are
+    the same; scoring a study's students again would repeat that work for every checkpoint.
+    Only taken when the checkpoint's recipe has the same data and evaluation sections (a
+    teacher, which may train on its own data, is always evaluated).
+    """
+    metrics, stored = checkpoint.metrics or {}, checkpoint.recipe or {}
+    if (
+        checkpoint.role != "student"
+        or split != recipe.data.val_split
+        or metrics.get("step") != checkpoint.step
+        or "per_class_iou" not in metrics
+        or stored.get("data") != recipe.data.model_dump(mode="json")
+        or stored.get("eval") != recipe.eval.model_dump(mode="json")
+    ):
+        return None
+    return {key: value for key, value in metrics.items() if key not in ("step", "terms")}
+
+
 def evaluate_checkpoints(
     s: Session,
     checkpoints: dict[str, Path],
@@ -203,7 +225,7 @@ def evaluate_checkpoints(
         rows = []
         for label, path in checkpoints.items():
             checkpoint = Checkpoint.load(path)
-            result = evaluate(
+            result = recorded_validation(checkpoint, recipe, split) or evaluate(
                 TorchPredictor(checkpoint.build(str(path)), s.device),
                 data,
                 s.num_classes,

@@ -410,3 +410,35 @@ def test_export_prints_what_it_wrote_not_raw_json(tmp_path: Path, artifacts: dic
     assert "  output         logits float32 (1, 6, 32, 32), 6 classes" in lines
     (parity,) = [line for line in lines if line.startswith("  parity")]
     assert "max |Δ logit|" in parity and "argmax agreement 100.000 %" in parity
+
+
+def test_a_students_recorded_validation_is_what_evaluating_it_gives(tiny_run: Path) -> None:
+    """Scoring a student on val again repeats its training's last validation: the recorded
+    numbers are taken only when they are exactly what `evaluate` computes here."""
+    from fakd_deploy.data.splits import ValBatches
+    from fakd_deploy.evaluate import evaluate
+    from fakd_deploy.models import Checkpoint
+    from fakd_deploy.models.predictor import TorchPredictor
+    from fakd_deploy.pipeline import recorded_validation
+    from fakd_deploy.recipe import load_recipe
+
+    recipe = load_recipe(Path(TINY))
+    for path in sorted((tiny_run / "students").glob("*/best.pt")):
+        checkpoint = Checkpoint.load(path)
+        data = ValBatches(recipe.data)
+        fresh = evaluate(
+            TorchPredictor(checkpoint.build(str(path)), "cpu"),
+            data,
+            data.num_classes,
+            recipe.data.ignore_index,
+            recipe.eval,
+        )
+        recorded = recorded_validation(checkpoint, recipe, recipe.data.val_split)
+        assert recorded is not None, path
+        assert recorded["miou"] == pytest.approx(fresh["miou"], abs=1e-6), path
+        assert recorded["per_class_iou"] == pytest.approx(fresh["per_class_iou"], abs=1e-6), path
+        flipped = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"flip": True})})
+        assert recorded_validation(checkpoint, flipped, recipe.data.val_split) is None
+        assert recorded_validation(checkpoint, recipe, "train") is None
+    teacher = Checkpoint.load(tiny_run / "teacher" / "best.pt")
+    assert recorded_validation(teacher, recipe, recipe.data.val_split) is None

@@ -1273,3 +1273,65 @@ def test_evaluate_refuses_another_class_count_and_a_json_folder(
     refused(cli("evaluate", artifacts["onnx"], *wrong), 2, "classes", "has 11")
     for target in (tmp_path, ""):
         refused(cli("evaluate", artifacts["onnx"], "--json", target), 2, "--json", "folder")
+
+
+def _hostile_onnx(tmp_path: Path, source: Path, case: str) -> Path:
+    """The exported tiny model, changed the way a hostile or foreign ONNX file would be."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(source))
+    if case == "opset 7":
+        model.opset_import[0].version = 7
+    elif case == "custom domain":
+        model.graph.node[0].domain = "com.example.evil"
+    elif case == "external data outside":
+        weight = model.graph.initializer[0]
+        weight.ClearField("raw_data")
+        weight.data_location = onnx.TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value="../../etc/passwd")
+    elif case == "rank 2 input":
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        del dims[2:]
+    elif case == "two inputs":
+        model.graph.input.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    else:
+        key, value = {
+            "mean of two": ("mean", "[0.5, 0.5]"),
+            "huge class count": ("num_classes", "400000000"),
+            "unknown input mode": ("input", '"bgr"'),
+        }[case]
+        entries = {p.key: p for p in model.metadata_props}
+        if key in entries:
+            entries[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+    path = tmp_path / "hostile.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "named"),
+    [
+        ("opset 7", "opset 7"),
+        ("custom domain", "custom domain 'com.example.evil'"),
+        ("external data outside", "outside the model's folder"),
+        ("rank 2 input", "has rank 2"),
+        ("two inputs", "has 2 inputs"),
+        ("mean of two", "'mean'"),
+        ("huge class count", "400000000"),
+        ("unknown input mode", "metadata 'input'"),
+    ],
+)
+def test_a_foreign_onnx_model_is_refused_in_one_line_before_any_runtime(
+    tmp_path: Path, artifacts: dict[str, Path], case: str, named: str
+) -> None:
+    """Read once by `Artifact.open`: nothing is loaded by a runtime or read outside its folder."""
+    path = _hostile_onnx(tmp_path, artifacts["onnx"], case)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    for args in (["evaluate", path], ["predict", path, image, "--out", tmp_path / "out"]):
+        result = cli(*args)
+        refused(result, 2, "hostile.onnx", named)
+        assert len(result.output.strip().splitlines()) == 1, result.output
