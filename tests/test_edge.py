@@ -123,7 +123,7 @@ def test_build_evaluate_bench_predict_without_torch(
     image = folder_dataset / "images" / "val" / "0.png"
     done = edge("predict", tmp_path / "student.int8.onnx", image, "--out", tmp_path / "pred")
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "pred" / "0.labels.png").is_file()
+    assert (tmp_path / "pred" / "0.student.ort-cpu-int8.labels.png").is_file()
     assert "LOADED []" in done.stderr  # none of the blocked modules was even partly imported
 
 
@@ -157,7 +157,7 @@ def test_tensorrt_commands_on_a_jetson_without_onnx_runtime(
     image = folder_dataset / "images" / "val" / "0.png"
     done = edge("predict", engine, image, "--out", tmp_path / "pred", **jetson)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "pred" / "0.labels.png").is_file()
+    assert [p.name for p in (tmp_path / "pred").glob("0.*.trt-fp16.labels.png")], done.stdout
     assert "LOADED []" in done.stderr  # neither onnxruntime nor the training stack was touched
 
 
