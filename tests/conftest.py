@@ -80,3 +80,21 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export_onnx(checkpoint, onnx, 32, 32)
     int8 = build(onnx, "ort-cpu-int8", calib_images=calibration_images(recipe.data, 4))
     return {"checkpoint": checkpoint, "onnx": onnx, "int8": int8, "folder": folder}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stop_signals_as_a_terminal_gives_them() -> None:
+    """The signal tests expect SIGINT, SIGTERM and SIGHUP handled as in a terminal. A test run
+    started in the background (`cmd &`, `nohup`) inherits some of them ignored, which the tool
+    deliberately respects (docs/trust.md): give them back their defaults for the tests, and so
+    to the processes the tests start."""
+    import signal
+
+    defaults = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+        signal.SIGHUP: signal.SIG_DFL,
+    }
+    for sig, handler in defaults.items():
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, handler)
