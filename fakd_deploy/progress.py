@@ -191,6 +191,7 @@ def files_lines(paths: Sequence[Path], root: Path | None = None) -> list[str]:
             return str(path.relative_to(root))
         return str(path)
 
+    paths = list(dict.fromkeys(paths))  # a file two stages wrote (export, then its FP32 build) once
     if not paths:
         return ["wrote nothing"]
     where = f" in {root}" if root is not None else ""
