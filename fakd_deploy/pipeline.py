@@ -171,6 +171,14 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
         )
         return [attempt.folder / "best.pt"], _summary(fit(distiller, job, resume=attempt.resume))
 
+    s.stage(student_stage(variant, seed), student_inputs(s, variant, seed, teacher), work, folder=folder)
+    return folder / "best.pt"
+
+
+def student_inputs(s: Session, variant: str, seed: int, teacher: Path | None) -> dict[str, Any]:
+    """What one student depends on, by name; its key is the student stage's."""
+    cfg = s.recipe.student
+    terms = cfg.variants[variant]
     inputs: dict[str, Any] = {
         "data": s.recipe.data,
         "student.model": cfg.model,
@@ -180,8 +188,33 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
     }
     if terms and teacher:
         inputs["teacher"] = teacher
-    s.stage(student_stage(variant, seed), inputs, work, folder=folder)
-    return folder / "best.pt"
+    return inputs
+
+
+def training_plan(s: Session, teacher: Path | None) -> str:
+    """One line, before anything runs: which training stages will run and which are up to
+    date. A student that distils from a teacher about to be retrained runs too; the stages
+    after training follow from what it produces, so they are named as they happen."""
+    recipe = s.recipe
+    if recipe.teacher is None or recipe.teacher.checkpoint:
+        teacher_runs = False
+    else:
+        teacher_runs = s.redoes("teacher") or s.changed_since("teacher", teacher_inputs(s)) is not None
+    stages = {"teacher": teacher_runs} if recipe.teacher and not recipe.teacher.checkpoint else {}
+    for variant, terms in recipe.student.variants.items():
+        for seed in recipe.student.seeds:
+            name = student_stage(variant, seed)
+            stale = (bool(terms) and (teacher is None or not teacher.is_file())) or s.redoes(name)
+            changed = stale or s.changed_since(name, student_inputs(s, variant, seed, teacher)) is not None
+            stages[f"{variant}_s{seed}"] = changed or bool(terms and teacher_runs)
+    if s.force:
+        return f"will train: {', '.join(stages)} (--force)"
+    run = [name for name, runs in stages.items() if runs]
+    done = [name for name, runs in stages.items() if not runs]
+    return (
+        f"will train: {', '.join(run) or 'nothing'}; up to date: {', '.join(done) or 'nothing'}; "
+        "evaluate, export, build and bench are redone only where their inputs changed"
+    )
 
 
 def recorded_validation(checkpoint: Checkpoint, recipe: Recipe, split: str) -> dict[str, Any] | None:
@@ -370,6 +403,12 @@ def run_recipe(
     if unknown:
         raise BadInput(f"--redo {', '.join(unknown)}: a stage is one of {', '.join(REDOABLE)}")
     with session(recipe, out, force, redo=redo) as s:
+        planned = s.run.teacher / "best.pt"
+        if recipe.teacher and recipe.teacher.checkpoint:
+            planned = Path(recipe.teacher.checkpoint)
+        plan = training_plan(s, planned if recipe.teacher else None)  # every rank: it agrees
+        if s.rank == 0:
+            log.info(plan)
         teacher = train_teacher(s) if recipe.teacher else None
         checkpoints = {"teacher": teacher} if teacher else {}
         for variant in recipe.student.variants:

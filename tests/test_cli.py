@@ -81,6 +81,7 @@ def test_second_run_skips_every_stage_bench_included(tiny_run: Path) -> None:
         assert before[name]["outputs"] == after[name]["outputs"], name
     lines = output.splitlines()
     assert f"run folder {tiny_run}: {len(before)} stage(s) done before" in output
+    assert "will train: nothing; up to date: teacher, baseline_s0, kd_s0, fakd_kd_s0;" in output
     assert f"ran 0 stage(s), skipped {len(before)} up to date" in output and "wrote nothing" in lines
 
 
@@ -89,6 +90,9 @@ def test_redo_bench_redoes_the_bench_alone_and_lists_what_it_wrote(tiny_run: Pat
     before = json.loads((tiny_run / "manifest.json").read_text())["stages"]
     output = invoke("run", TINY, "--out", tiny_run, "--redo", "bench")
     assert "redo bench: --redo bench" in output and "skip bench" not in output
+    assert "will train: nothing; up to date: teacher, baseline_s0, kd_s0, fakd_kd_s0;" in output
+    retrain = invoke("run", TINY, "--out", tiny_run, "--redo", "student:kd_s0", "--redo", "bench")
+    assert "will train: kd_s0; up to date: teacher, baseline_s0, fakd_kd_s0;" in retrain
     assert output.count("skip ") == len(before) - 1 and "; redo: bench" in output
     assert f"ran 1 stage(s), skipped {len(before) - 1} up to date" in output
     assert f"wrote 4 files in {tiny_run}:" in output and "  report.json" in output.splitlines()
