@@ -78,3 +78,22 @@ def synthetic_recipe(**sections: Any) -> dict[str, Any]:
     }
     raw.update(sections)
     return raw
+
+
+def signal_at_forward(monkeypatch: Any, call: int, signum: int) -> None:
+    """Send `signum` to this process at the `call`-th forward pass of any Distiller: a stop
+    arriving in the middle of training, as a Ctrl-C, a scheduler or a closed terminal does."""
+    import signal
+
+    from fakd_deploy.distill.distiller import Distiller
+
+    original = Distiller.forward
+    calls = {"n": 0}
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "forward", forward)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import signal_at_forward
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -599,7 +601,7 @@ def test_a_checkpoint_that_is_a_link_is_not_resumed_from(
     tmp_path: Path, tiny_recipe: Path, monkeypatch
 ) -> None:
     out = tmp_path / "run"
-    interrupt_training_at(monkeypatch, 3)
+    signal_at_forward(monkeypatch, 3, signal.SIGINT)
     assert cli("train", tiny_recipe, "--out", out).exit_code == 130
     monkeypatch.undo()
     elsewhere = tmp_path / "elsewhere.pt"
@@ -636,24 +638,6 @@ def test_a_second_lock_in_the_same_process_is_refused(tmp_path: Path) -> None:
 # --- A redone stage keeps the work it replaces ------------------------------------------
 
 
-def interrupt_training_at(monkeypatch, call: int) -> None:
-    """Send SIGINT to this process at the `call`-th forward pass of any distiller."""
-    import signal
-
-    from fakd_deploy.distill.distiller import Distiller
-
-    original = Distiller.forward
-    calls = {"n": 0}
-
-    def forward(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Distiller, "forward", forward)
-
-
 def test_a_redone_stage_keeps_the_work_it_replaces_until_done(
     tmp_path: Path, tiny_recipe: Path, monkeypatch
 ) -> None:
@@ -677,7 +661,7 @@ def test_a_redone_stage_keeps_the_work_it_replaces_until_done(
         'teacher.model.encoder "resnet18" -> "resnet10t"',
         "teacher.train.steps 2 -> 4",
     )
-    interrupt_training_at(monkeypatch, 3)
+    signal_at_forward(monkeypatch, 3, signal.SIGINT)
     result = cli("run", tiny_recipe, "--out", out)
     assert result.exit_code == 130, result.output
     lines = [line for line in result.output.splitlines() if "redo teacher" in line]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import signal_at_forward
 from torch.utils.data import DistributedSampler
 
 from fakd_deploy.distill.distiller import Distiller
@@ -71,20 +72,11 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, monkeypatc
     straight = load(tmp_path / "straight" / "last.pt")
 
     distiller, job = tiny_job(tmp_path / "resumed")
-    original = Distiller.forward
-    calls = {"n": 0}
-
-    def forward_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Distiller, "forward", forward_then_signal)
+    signal_at_forward(monkeypatch, 3, signal.SIGINT)
     with pytest.raises(Interrupted, match="stopped by signal"):
         fit(distiller, job)
     assert load(tmp_path / "resumed" / "last.pt").step == 3
-    monkeypatch.setattr(Distiller, "forward", original)
+    monkeypatch.undo()
 
     distiller, job = tiny_job(tmp_path / "resumed")
     fit(distiller, job)
@@ -99,20 +91,11 @@ def test_resume_with_gradient_accumulation_is_identical(tmp_path: Path, monkeypa
     fit(distiller, job)
     straight = load(tmp_path / "straight" / "last.pt")
 
-    original = Distiller.forward
-    calls = {"n": 0}
-
-    def forward_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # in the second step's first micro-batch
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
     distiller, job = tiny_job(tmp_path / "resumed", steps=4, grad_accum=2)
-    monkeypatch.setattr(Distiller, "forward", forward_then_signal)
+    signal_at_forward(monkeypatch, 3, signal.SIGTERM)  # in the second step's first micro-batch
     with pytest.raises(Interrupted):
         fit(distiller, job)
-    monkeypatch.setattr(Distiller, "forward", original)
+    monkeypatch.undo()
     assert load(tmp_path / "resumed" / "last.pt").step == 2
     distiller, job = tiny_job(tmp_path / "resumed", steps=4, grad_accum=2)
     fit(distiller, job)
@@ -369,16 +352,7 @@ def test_two_nodes_train_one_student_and_pool_fakd_statistics(
 def test_sighup_saves_the_state_like_sigint(tmp_path: Path, monkeypatch) -> None:
     """A closed terminal (SIGHUP) stops training after the step, with last.pt saved."""
     distiller, job = tiny_job(tmp_path)
-    original = Distiller.forward
-    calls = {"n": 0}
-
-    def forward_then_hangup(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(signal.SIGHUP)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Distiller, "forward", forward_then_hangup)
+    signal_at_forward(monkeypatch, 2, signal.SIGHUP)
     with pytest.raises(Interrupted, match=f"signal {int(signal.SIGHUP)}"):
         fit(distiller, job)
     assert load(tmp_path / "last.pt").step == 2
