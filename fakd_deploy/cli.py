@@ -191,7 +191,6 @@ def run(
     """
     with reported():
         from fakd_deploy.pipeline import run as run_pipeline
-        from fakd_deploy.progress import files_lines
         from fakd_deploy.tables import variant_table
 
         result = run_pipeline(recipe, out, set_, force, tuple(redo or ()))
@@ -199,10 +198,17 @@ def run(
             results.print(variant_table(result.evaluation))
         if result.bench:
             show_bench(result.bench)
-        say(f"ran {len(result.ran)} stage(s), skipped {len(result.skipped)} up to date", "green")
-        for line in files_lines(result.written, result.folder):
-            say(line)
-        say(f"done: {result.folder}", "green")
+        finish(result.folder, result.ran, result.skipped, result.written)
+
+
+def finish(folder: Path, ran: list[str], skipped: list[str], written: list[Path]) -> None:
+    """How every command that trains ends: what ran, what was up to date, the files written."""
+    from fakd_deploy.progress import files_lines
+
+    say(f"ran {len(ran)} stage(s), skipped {len(skipped)} up to date", "green")
+    for line in files_lines(written, folder):
+        say(line)
+    say(f"done: {folder}", "green")
 
 
 def show_bench(result: BenchReport) -> None:
@@ -240,7 +246,9 @@ def train(
     with reported():
         from fakd_deploy.pipeline import train as train_role
 
-        results.print(f"checkpoint: {train_role(recipe, role, out, set_, force)}")
+        result = train_role(recipe, role, out, set_, force)
+        results.print(f"checkpoint: {result.checkpoints[0]}")
+        finish(result.folder, result.ran, result.skipped, result.written)
 
 
 @app.command(cls=Command)
@@ -270,18 +278,39 @@ def distill(
     with reported():
         from fakd_deploy.pipeline import distill as distill_students
 
-        for path in distill_students(recipe, variant, teacher, out, set_, force):
+        result = distill_students(recipe, variant, teacher, out, set_, force)
+        for path in result.checkpoints:
             results.print(f"checkpoint: {path}")
+        finish(result.folder, result.ran, result.skipped, result.written)
+
+
+MergeOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--merge",
+        metavar="SCORES",
+        help="study/scores.json of another folder of this study (another machine's seeds, or "
+        "an earlier session's): its runs with the same inputs and teacher weights are taken, "
+        "not trained. Repeatable.",
+    ),
+]
 
 
 @app.command(cls=Command)
-def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def study(
+    recipe: RecipeArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    merge: MergeOpt = None,
+) -> None:
     """Sweep a recipe's study section over seeds and FAKD settings, with paired statistics.
 
     The teacher is trained once, then every variant x seed x (lam0, bound) point of the
     recipe's `study` section; paired statistics against the baseline and each FAKD
     variant's plain loss, last and best checkpoints, held-out test scores, the
-    pre-registered headline: study.{json,csv,md,png}.
+    pre-registered headline: study.{json,csv,md,png}, and every run's scores in
+    study/scores.json, which `--merge` reads elsewhere.
 
     Example: [bold]fakd-deploy study recipes/camvid_study.yaml --out runs/study[/bold]
     """
@@ -289,12 +318,16 @@ def study(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, force: For
         from fakd_deploy.study import run_study
         from fakd_deploy.study_report import headline_lines, study_table
 
-        result = run_study(recipe, out, set_, force)
+        result = run_study(recipe, out, set_, force, merge or [])
         if "rows" in result:  # under torchrun, rank 0 scores and reports
             results.print(study_table(result))
             for line in headline_lines(result):
                 results.print(f"headline: {line}", markup=False)
-        say(f"done: {result['folder']}", "green")
+            if result["taken"]:
+                results.print(f"taken from --merge: {len(result['taken'])} run(s)", markup=False)
+            finish(result["folder"], result["ran"], result["skipped"], result["written"])
+        else:
+            say(f"done: {result['folder']}", "green")
 
 
 @app.command("evaluate", cls=Command)

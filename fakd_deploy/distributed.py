@@ -59,6 +59,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_group() -> None:
+    """After training: every rank waits for the others, then the group ends. Rank 0 alone
+    runs the stages after training (evaluation, export, builds, bench), and those agree and
+    wait as one process does; the other ranks stop here."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def lost_ranks() -> list[str]:
     """The ranks on this host whose process is gone, as `rank N (pid P)`."""
     host = socket.gethostname()

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fakd_deploy.data import splits
 from fakd_deploy.deploy.rows import BenchReport
 from fakd_deploy.distill.distiller import Distiller
+from fakd_deploy.distributed import leave_group
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.models import Checkpoint, Segmenter, TorchPredictor, build_model, import_state_dict
@@ -191,30 +194,65 @@ def student_inputs(s: Session, variant: str, seed: int, teacher: Path | None) ->
     return inputs
 
 
-def training_plan(s: Session, teacher: Path | None) -> str:
-    """One line, before anything runs: which training stages will run and which are up to
-    date. A student that distils from a teacher about to be retrained runs too; the stages
-    after training follow from what it produces, so they are named as they happen."""
-    recipe = s.recipe
-    if recipe.teacher is None or recipe.teacher.checkpoint:
-        teacher_runs = False
-    else:
-        teacher_runs = s.redoes("teacher") or s.changed_since("teacher", teacher_inputs(s)) is not None
-    stages = {"teacher": teacher_runs} if recipe.teacher and not recipe.teacher.checkpoint else {}
-    for variant, terms in recipe.student.variants.items():
-        for seed in recipe.student.seeds:
-            name = student_stage(variant, seed)
-            stale = (bool(terms) and (teacher is None or not teacher.is_file())) or s.redoes(name)
-            changed = stale or s.changed_since(name, student_inputs(s, variant, seed, teacher)) is not None
-            stages[f"{variant}_s{seed}"] = changed or bool(terms and teacher_runs)
-    if s.force:
-        return f"will train: {', '.join(stages)} (--force)"
-    run = [name for name, runs in stages.items() if runs]
-    done = [name for name, runs in stages.items() if not runs]
-    return (
-        f"will train: {', '.join(run) or 'nothing'}; up to date: {', '.join(done) or 'nothing'}; "
-        "evaluate, export, build and bench are redone only where their inputs changed"
-    )
+def planned_teacher(s: Session) -> Path | None:
+    """Where the teacher's checkpoint is (or will be) before it is trained."""
+    cfg = s.recipe.teacher
+    if cfg is None:
+        return None
+    return Path(cfg.checkpoint) if cfg.checkpoint else s.run.teacher / "best.pt"
+
+
+RUNS, FOLLOWS, UP_TO_DATE = "runs", "follows", "up to date"  # what the plan line says of a stage
+
+
+def training_stages(
+    s: Session, teacher: Path | None, students: list[tuple[str, int]], with_teacher: bool
+) -> dict[str, str]:
+    """Before anything runs: each training stage by the name a person knows it by, and
+    whether it runs, follows (runs if the teacher it distils from comes out changed) or is
+    up to date."""
+    recipe, stages = s.recipe, dict[str, str]()
+    if with_teacher and recipe.teacher is not None and not recipe.teacher.checkpoint:
+        stages["teacher"] = RUNS if s.would_run("teacher", lambda: teacher_inputs(s)) else UP_TO_DATE
+    for variant, seed in students:
+        terms = recipe.student.variants[variant]
+        if s.would_run(student_stage(variant, seed), partial(student_inputs, s, variant, seed, teacher)):
+            stages[f"{variant}_s{seed}"] = RUNS
+        else:
+            stages[f"{variant}_s{seed}"] = FOLLOWS if terms and stages.get("teacher") == RUNS else UP_TO_DATE
+    return stages
+
+
+Later = dict[str, tuple[Callable[[], dict[str, Any]], list[str] | None]]
+
+
+def later_stages(s: Session, stages: dict[str, str], named: Later) -> dict[str, str]:
+    """Stages after training, in order; `named` gives each one's inputs (computed when asked)
+    and the stages it reads from (None: all before it). A stage runs if its inputs changed,
+    follows if one it reads from runs or follows."""
+    for name, (inputs, reads) in named.items():
+        upstream = [stages[n] for n in reads] if reads is not None else list(stages.values())
+        if s.would_run(name, inputs):
+            stages[name] = RUNS
+        else:
+            stages[name] = FOLLOWS if any(state != UP_TO_DATE for state in upstream) else UP_TO_DATE
+    return stages
+
+
+def plan_line(stages: dict[str, str], force: bool = False, taken: list[str] | None = None) -> str:
+    """The one line every command starts with: what will run, what runs only if what it
+    reads comes out changed (a retrained model can be bit for bit the same), what is up to date."""
+
+    def named(state: str) -> list[str]:
+        return [name for name, value in stages.items() if value == state]
+
+    line = f"will run: {', '.join(named(RUNS)) or 'nothing'}{' (--force)' if force else ''}"
+    if named(FOLLOWS):
+        line += f"; then, if what they read changes: {', '.join(named(FOLLOWS))}"
+    line += f"; up to date: {', '.join(named(UP_TO_DATE)) or 'nothing'}"
+    if taken:
+        line += f"; taken from --merge: {', '.join(taken)}"
+    return line
 
 
 def recorded_validation(checkpoint: Checkpoint, recipe: Recipe, split: str) -> dict[str, Any] | None:
@@ -283,13 +321,27 @@ def evaluate_checkpoints(
         save_json(rows, out)
         return [out], {"rows": len(rows)}
 
-    inputs = {"data": recipe.data, "eval": recipe.eval, "split": split}
-    s.stage(name, inputs | {f"checkpoint {label}": path for label, path in checkpoints.items()}, work)
+    s.stage(name, evaluation_inputs(s, checkpoints, split), work)
     return read_json(out)
+
+
+def evaluation_inputs(s: Session, checkpoints: dict[str, Path], split: str | None = None) -> dict[str, Any]:
+    recipe = s.recipe
+    inputs = {"data": recipe.data, "eval": recipe.eval, "split": split or recipe.data.val_split}
+    return inputs | {f"checkpoint {label}": path for label, path in checkpoints.items()}
 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def export_path(s: Session) -> Path:
+    return s.run.onnx(s.recipe.export_variant())
+
+
+def deployed_student(s: Session) -> Path:
+    """The checkpoint `run` exports: the recipe's export variant, first seed."""
+    return s.run.student(s.recipe.export_variant(), s.recipe.student.seeds[0]) / "best.pt"
 
 
 def export_student(s: Session, checkpoint: Path) -> Path:
@@ -297,7 +349,7 @@ def export_student(s: Session, checkpoint: Path) -> Path:
 
     recipe = s.recipe
     cfg = recipe.deploy.export
-    out = s.run.onnx(recipe.export_variant())
+    out = export_path(s)
     height, width = export_size(recipe)
 
     def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
@@ -311,19 +363,25 @@ def export_student(s: Session, checkpoint: Path) -> Path:
         )
         return [out], {k: v for k, v in report.items() if k != "path"}
 
-    inputs = {"deploy.export": cfg, "height": height, "width": width, "checkpoint": checkpoint}
-    s.stage("export", inputs, work)
+    s.stage("export", export_inputs(s, checkpoint), work)
     return out
+
+
+def export_inputs(s: Session, checkpoint: Path) -> dict[str, Any]:
+    from fakd_deploy.deploy.export import export_size
+
+    height, width = export_size(s.recipe)
+    cfg = s.recipe.deploy.export
+    return {"deploy.export": cfg, "height": height, "width": width, "checkpoint": checkpoint}
 
 
 def build_backends(s: Session, onnx: Path) -> list[Path]:
     """Build every backend the recipe lists; any that fails fails the stage (after the others)."""
-    from fakd_deploy.deploy.backends import resolve_backend
     from fakd_deploy.deploy.build import build
 
     recipe = s.recipe
     artifacts, failures = [], []
-    for name in dict.fromkeys(resolve_backend(b).name for b in recipe.deploy.backends):
+    for name in backend_names(s):
 
         def work(attempt: Attempt, backend: str = name) -> tuple[list[Path], dict[str, Any]]:
             calib = splits.calibration_images(recipe.data, recipe.deploy.calib)
@@ -336,14 +394,8 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
             )
             return [path], {"path": s.run.relative(path)}
 
-        inputs: dict[str, Any] = {"backend": name, "onnx": onnx}
-        if resolve_backend(name).precision == "int8":
-            calibration = (recipe.deploy.calib, recipe.deploy.calib_method, recipe.data)
-            inputs |= dict(zip(("deploy.calib", "deploy.calib_method", "data"), calibration, strict=True))
-            if recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
-                inputs["deploy.quantizer"] = recipe.deploy.quantizer
         try:
-            metrics = s.stage(f"build:{name}", inputs, work)
+            metrics = s.stage(f"build:{name}", build_inputs(s, name, onnx), work)
             artifacts.append(s.run.root / metrics["path"])
         except FakdError as error:
             log.error(f"build {name} failed: {error}")
@@ -354,6 +406,30 @@ def build_backends(s: Session, onnx: Path) -> list[Path]:
             f"other artifacts are in {s.run.deploy}"
         )
     return artifacts
+
+
+def backend_names(s: Session) -> list[str]:
+    from fakd_deploy.deploy.backends import resolve_backend
+
+    return list(dict.fromkeys(resolve_backend(b).name for b in s.recipe.deploy.backends))
+
+
+def build_inputs(s: Session, name: str, onnx: Path) -> dict[str, Any]:
+    from fakd_deploy.deploy.backends import resolve_backend
+
+    recipe = s.recipe
+    inputs: dict[str, Any] = {"backend": name, "onnx": onnx}
+    if resolve_backend(name).precision == "int8":
+        calibration = (recipe.deploy.calib, recipe.deploy.calib_method, recipe.data)
+        inputs |= dict(zip(("deploy.calib", "deploy.calib_method", "data"), calibration, strict=True))
+        if recipe.deploy.quantizer != "ort":  # keys of ort-made models unchanged
+            inputs["deploy.quantizer"] = recipe.deploy.quantizer
+    return inputs
+
+
+def bench_inputs(s: Session, found: list[Any]) -> dict[str, Any]:
+    inputs = {"bench": s.recipe.bench, "data": s.recipe.data}
+    return inputs | {f"row {i + 1} ({c.model} on {c.backend})": c.path for i, c in enumerate(found)}
 
 
 def bench_stage(s: Session) -> BenchReport:
@@ -369,15 +445,15 @@ def bench_stage(s: Session) -> BenchReport:
         written = write_report(result, s.run.root)
         return [p for p in outputs if p in written.values()], {"rows": len(result.rows)}
 
-    inputs = {"bench": s.recipe.bench, "data": s.recipe.data}
-    models = {f"row {i + 1} ({c.model} on {c.backend})": c.path for i, c in enumerate(found)}
-    s.stage("bench", inputs | models, work)
+    s.stage("bench", bench_inputs(s, found), work)
     return BenchReport.from_dict(read_json(s.run.report("json")))
 
 
 @dataclass
 class RunResult:
-    """What `run` leaves for a person to read: the evaluation rows and the benchmark."""
+    """What a command leaves for a person to read: the stages it ran and skipped, the files
+    it wrote, and (`run`) the evaluation rows and the benchmark or (`train`, `distill`) the
+    checkpoints."""
 
     folder: Path
     evaluation: list[dict[str, Any]] = field(default_factory=list)
@@ -385,6 +461,11 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, s: Session, checkpoints: list[Path]) -> RunResult:
+        return cls(s.run.root, ran=s.ran, skipped=s.skipped, written=s.written, checkpoints=checkpoints)
 
 
 REDOABLE = ("teacher", "student", "evaluate", "export", "build", "bench")
@@ -403,25 +484,52 @@ def run_recipe(
     if unknown:
         raise BadInput(f"--redo {', '.join(unknown)}: a stage is one of {', '.join(REDOABLE)}")
     with session(recipe, out, force, redo=redo) as s:
-        planned = s.run.teacher / "best.pt"
-        if recipe.teacher and recipe.teacher.checkpoint:
-            planned = Path(recipe.teacher.checkpoint)
-        plan = training_plan(s, planned if recipe.teacher else None)  # every rank: it agrees
-        if s.rank == 0:
-            log.info(plan)
+        announce(s, run_stages(s))  # every rank: the answers are agreed
         teacher = train_teacher(s) if recipe.teacher else None
         checkpoints = {"teacher": teacher} if teacher else {}
         for variant in recipe.student.variants:
             for seed in recipe.student.seeds:
                 checkpoints[f"{variant}_s{seed}"] = train_student(s, variant, seed, teacher)
+        leave_group()
         if s.rank != 0:
             return RunResult(s.run.root)
         rows = evaluate_checkpoints(s, checkpoints)
-        deployed = s.run.student(recipe.export_variant(), recipe.student.seeds[0]) / "best.pt"
-        onnx = export_student(s, deployed)
+        onnx = export_student(s, deployed_student(s))
         build_backends(s, onnx)
         report = bench_stage(s)
         return RunResult(s.run.root, rows, report, s.ran, s.skipped, s.written)
+
+
+def every_student(recipe: Recipe) -> list[tuple[str, int]]:
+    return [(variant, seed) for variant in recipe.student.variants for seed in recipe.student.seeds]
+
+
+def run_stages(s: Session) -> dict[str, str]:
+    """Every stage of `run`, in order, and whether it will run."""
+    teacher = planned_teacher(s)
+    stages = training_stages(s, teacher, every_student(s.recipe), with_teacher=True)
+    checkpoints = {"teacher": teacher} if teacher else {}
+    checkpoints |= {f"{v}_s{n}": s.run.student(v, n) / "best.pt" for v, n in every_student(s.recipe)}
+    onnx, deployed = export_path(s), f"{s.recipe.export_variant()}_s{s.recipe.student.seeds[0]}"
+    later: Later = {
+        "evaluate": (lambda: evaluation_inputs(s, checkpoints), None),
+        "export": (lambda: export_inputs(s, deployed_student(s)), [deployed]),
+    }
+    for name in backend_names(s):
+        later[f"build:{name}"] = (partial(build_inputs, s, name, onnx), ["export"])
+    later["bench"] = (lambda: bench_inputs(s, bench_candidates(s)), None)
+    return later_stages(s, stages, later)
+
+
+def bench_candidates(s: Session) -> list[Any]:
+    from fakd_deploy.deploy.bench import candidates
+
+    return candidates(s.run)
+
+
+def announce(s: Session, stages: dict[str, str], taken: list[str] | None = None) -> None:
+    if s.rank == 0:
+        log.info(plan_line(stages, s.force, taken))
 
 
 def run(
@@ -440,7 +548,7 @@ def train(
     out: Path | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
-) -> Path:
+) -> RunResult:
     """The teacher, or the plain baseline student (ground truth only) of the recipe's first seed."""
     recipe = load_recipe(recipe_path, overrides or [])
     if role not in ("teacher", "baseline"):
@@ -452,8 +560,10 @@ def train(
         )
     with session(recipe, out, force) as s:
         if role == "teacher":
-            return train_teacher(s)
-        return train_student(s, "baseline", recipe.student.seeds[0], None)
+            announce(s, training_stages(s, None, [], with_teacher=True))
+            return RunResult.of(s, [train_teacher(s)])
+        announce(s, training_stages(s, None, [("baseline", recipe.student.seeds[0])], with_teacher=False))
+        return RunResult.of(s, [train_student(s, "baseline", recipe.student.seeds[0], None)])
 
 
 def distill(
@@ -463,7 +573,7 @@ def distill(
     out: Path | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
-) -> list[Path]:
+) -> RunResult:
     """Distilled students (every variant with terms by default) for every seed of the recipe."""
     recipe = load_recipe(recipe_path, overrides or [])
     names = variants or [name for name, terms in recipe.student.variants.items() if terms]
@@ -491,7 +601,9 @@ def distill(
     with session(recipe, out, force, teacher=teacher_path) as s:
         if teacher is None and not recipe.teacher.checkpoint:
             require_current_teacher(s, recipe_path)
-        return [train_student(s, name, seed, teacher_path) for name in names for seed in recipe.student.seeds]
+        students = [(name, seed) for name in names for seed in recipe.student.seeds]
+        announce(s, training_stages(s, teacher_path, students, with_teacher=False))
+        return RunResult.of(s, [train_student(s, name, seed, teacher_path) for name, seed in students])
 
 
 def require_current_teacher(s: Session, recipe_path: Path) -> None:

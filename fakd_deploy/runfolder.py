@@ -79,12 +79,14 @@ class RunFolder:
         return self.root / f"report.{suffix}"
 
     def checkpoints(self) -> dict[str, Path]:
-        """The best checkpoint of the teacher and of every student, by the name rows show."""
+        """The best checkpoint of the teacher and of every student, by the name rows show; not
+        those of a replaced (`.previous`) or unfinished (`.next`) training folder."""
         found = {}
         if (self.teacher / "best.pt").is_file():
             found["teacher"] = self.teacher / "best.pt"
         for path in sorted(self.students.glob("*/best.pt")):
-            found[path.parent.name] = path
+            if not path.parent.name.endswith((NEXT, PREVIOUS)):
+                found[path.parent.name] = path
         return found
 
     def relative(self, path: Path) -> str:

@@ -177,6 +177,18 @@ class Session:
             return "its inputs changed (the run that made it did not record which)"
         return changes(before, record) or "its inputs changed"
 
+    def would_run(self, name: str, inputs: Callable[[], dict[str, Any]]) -> bool:
+        """Whether `stage(name, inputs(), ...)` would run now (rank 0's answer); an input file
+        that cannot be read yet (made by an earlier stage) means it would."""
+        answer = True
+        if self.manifest is not None and not (self.force or self.redoes(name)):
+            try:
+                key, _ = stage_inputs(inputs())
+            except OSError:
+                key = ""
+            answer = not (key and self.manifest.is_done(name, key))
+        return bool(agree(answer))
+
     def changed_since(self, name: str, inputs: dict[str, Any]) -> str | None:
         """None when the stage is done for these inputs; else what differs (rank 0's answer)."""
         answer = None

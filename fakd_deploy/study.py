@@ -17,17 +17,34 @@ the plot are drawn by `study_report`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fakd_deploy.distributed import leave_group
 from fakd_deploy.errors import BadInput
 from fakd_deploy.recipe import BoundName, LossTerm, Recipe, load_recipe, parse_recipe
+from fakd_deploy.runfolder import stage_inputs
 from fakd_deploy.stats import mean_std, paired_difference, verdict
 from fakd_deploy.study_report import plot, to_csv, to_markdown
+from fakd_deploy.study_scores import (
+    RecordedRun,
+    Score,
+    read_scores,
+    run_identity,
+    scores_document,
+    weights_digest,
+)
 from fakd_deploy.utils import save_json, save_text
 
 FAKD_ONLY_FIELDS = {"lam0", "bound", "diagonal"}  # LossTerm fields that matter only with lam0 > 0
+
+if TYPE_CHECKING:
+    from fakd_deploy.session import Session
+
+log = logging.getLogger(__name__)
 
 Table = dict[str, dict[int, dict[str, Any]]]  # variant -> seed -> evaluation row
 
@@ -292,58 +309,204 @@ def headline(rows: Sequence[Mapping[str, Any]], tested: bool) -> list[dict[str, 
     return found
 
 
+Offer = tuple[RecordedRun, Path]  # a run recorded in a scores file, and that file
+
+
 def run_study(
-    recipe_path: Path, out: Path | None = None, overrides: list[str] | None = None, force: bool = False
+    recipe_path: Path,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    merge: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """Train and score every (variant, seed) of the expanded recipe; write study.{json,csv,md,png}."""
-    from fakd_deploy.pipeline import (
-        evaluate_checkpoints,
-        session,
-        student_stage,
-        train_student,
-        train_teacher,
-    )
+    """Train and score every (variant, seed) of the expanded recipe, or take its scores from a
+    `merge` file (`study_scores`); write study.{json,csv,md,png} and study/scores.json."""
+    from fakd_deploy.pipeline import evaluate_checkpoints, session, train_student, train_teacher
 
     recipe, described = expand(load_recipe(recipe_path, overrides or []))
     if recipe.teacher is None:
         raise BadInput("a study distils from a teacher: the recipe needs a 'teacher' section")
     with session(recipe, out, force) as s:
+        taken = announce_study(s, merge)
         teacher = train_teacher(s)
+        digest = weights_digest(teacher)
+        taken = same_teacher(taken, digest, recipe)
         best, last = {"teacher": teacher}, {"teacher": teacher}
         for seed in recipe.student.seeds:  # seed by seed: a study stopped early has every variant
             for variant in recipe.student.variants:
-                best[f"{variant}_s{seed}"] = train_student(s, variant, seed, teacher)
-                last[f"{variant}_s{seed}"] = best[f"{variant}_s{seed}"].with_name("last.pt")
+                name = f"{variant}_s{seed}"
+                if name not in taken:
+                    best[name] = train_student(s, variant, seed, teacher)
+                    last[name] = best[name].with_name("last.pt")
+        leave_group()
         if s.rank != 0 or s.manifest is None:
             return {"folder": s.run.root}
-        seconds = {
-            variant: {
-                seed: s.manifest.entry(student_stage(variant, seed))["seconds"]
-                for seed in recipe.student.seeds
-                if "seconds" in s.manifest.entry(student_stage(variant, seed))
-            }
-            for variant in recipe.student.variants
-        }
         folder = s.run.root / "study"
-        val_best = evaluate_checkpoints(s, best, name="study:val-best", out=folder / "val_best.json")
-        val_last = evaluate_checkpoints(s, last, name="study:val-last", out=folder / "val_last.json")
-        test_last = None
+        scored = {
+            "val_best": evaluate_checkpoints(s, best, name="study:val-best", out=folder / "val_best.json"),
+            "val_last": evaluate_checkpoints(s, last, name="study:val-last", out=folder / "val_last.json"),
+        }
         if recipe.data.test_split:
-            test_last = evaluate_checkpoints(
+            scored["test_last"] = evaluate_checkpoints(
                 s, last, split=recipe.data.test_split, name="study:test-last", out=folder / "test_last.json"
             )
+        offers = list(taken.values())
+        runs = recorded_here(s, scored, digest) + [run for run, _ in offers]
+        for split, rows in scored.items():
+            rows += [
+                {**getattr(run, split).model_dump(), **origin(run, source)} for run, source in taken.values()
+            ]
+        seconds: dict[str, dict[int, float]] = {}
+        for run in runs:
+            if run.seconds is not None:
+                seconds.setdefault(run.variant, {})[run.seed] = run.seconds
         summary = summarize(
             recipe,
             described,
-            val_best,
-            val_last,
-            test_last,
+            scored["val_best"],
+            scored["val_last"],
+            scored.get("test_last"),
             s.class_names,
             seconds,
             None if recipe.teacher.checkpoint else s.manifest.entry("teacher").get("seconds"),
         )
-        save_json(summary, s.run.root / "study.json")
-        save_text(to_csv(summary), s.run.root / "study.csv")
-        save_text(to_markdown(summary), s.run.root / "study.md")
-        plot(summary, s.run.root / "study.png")
-        return {**summary, "folder": s.run.root}
+        root = s.run.root
+        s.written += [
+            save_json(scores_document(runs), folder / "scores.json"),
+            save_json(summary, root / "study.json"),
+        ]
+        s.written += [
+            save_text(to_csv(summary), root / "study.csv"),
+            save_text(to_markdown(summary), root / "study.md"),
+        ]
+        if plot(summary, root / "study.png"):
+            s.written.append(root / "study.png")
+        outcome = {"ran": s.ran, "skipped": s.skipped, "written": s.written, "taken": list(taken)}
+        return {**summary, "folder": root, **outcome}
+
+
+def announce_study(s: Session, merge: Sequence[Path]) -> dict[str, Offer]:
+    """Log the plan line (what will train, what is up to date, what is taken from `merge`)
+    and return the runs to take."""
+    from fakd_deploy.pipeline import (
+        RUNS,
+        UP_TO_DATE,
+        Later,
+        announce,
+        evaluation_inputs,
+        later_stages,
+        planned_teacher,
+        training_stages,
+    )
+
+    recipe = s.recipe
+    teacher = planned_teacher(s)
+    assert teacher is not None
+    students = [(variant, seed) for seed in recipe.student.seeds for variant in recipe.student.variants]
+    stages = training_stages(s, teacher, students, with_teacher=True)
+    offered = offered_runs(s, merge, teacher_trains=stages.get("teacher") == RUNS)
+    taken = {name: offered[name] for name in stages if name in offered and stages[name] != UP_TO_DATE}
+    training = {name: runs for name, runs in stages.items() if name not in taken}
+    checkpoints = {
+        name: s.run.student(variant, seed) / "best.pt"
+        for variant, seed in students
+        if (name := f"{variant}_s{seed}") not in taken
+    }
+    best = {"teacher": teacher, **checkpoints}
+    last = {"teacher": teacher, **{name: path.with_name("last.pt") for name, path in checkpoints.items()}}
+    evaluations: Later = {
+        "study:val-best": (partial(evaluation_inputs, s, best), None),
+        "study:val-last": (partial(evaluation_inputs, s, last), list(training)),
+    }
+    if recipe.data.test_split:
+        evaluations["study:test-last"] = (
+            partial(evaluation_inputs, s, last, recipe.data.test_split),
+            list(training),
+        )
+    announce(s, later_stages(s, training, evaluations), list(taken))
+    return taken
+
+
+def offered_runs(s: Session, merge: Sequence[Path], teacher_trains: bool) -> dict[str, Offer]:
+    """The runs of the `merge` files that are this study's: the same identity and, as far as
+    can be told before the teacher trains (by its inputs), the same teacher weights."""
+    from fakd_deploy.pipeline import planned_teacher, teacher_inputs
+
+    recipe, found = s.recipe, dict[str, Offer]()
+    if not merge:
+        return found
+    assert recipe.teacher is not None
+    teacher = planned_teacher(s)
+    digest = weights_digest(teacher) if teacher and teacher.is_file() and not teacher_trains else None
+    inputs_key = None if recipe.teacher.checkpoint else stage_inputs(teacher_inputs(s))[0]
+    for path in merge:
+        ignored = 0
+        for run in read_scores(path, s.num_classes):
+            name = f"{run.variant}_s{run.seed}"
+            ours = run.variant in recipe.student.variants and run.seed in recipe.student.seeds
+            if not ours or name in found or run.identity != run_identity(recipe, run.variant, run.seed):
+                ignored += 1
+            elif not recipe.student.variants[run.variant] or (
+                run.teacher == digest
+                if digest
+                else inputs_key is not None and run.teacher_inputs == inputs_key
+            ):
+                found[name] = (run, path)
+            else:
+                ignored += 1
+        if ignored:
+            why = "not this study's (other inputs or teacher) or given twice"
+            log.info(f"{ignored} run(s) of {path} not taken: {why}")
+    return found
+
+
+def same_teacher(taken: dict[str, Offer], digest: str, recipe: Recipe) -> dict[str, Offer]:
+    """The offers whose teacher has the weights of the one trained here; the others train."""
+    kept = {}
+    for name, (run, source) in taken.items():
+        if recipe.student.variants[run.variant] and run.teacher != digest:
+            log.info(
+                f"train {name} here: {source} scored it with a teacher whose weights differ from this "
+                "study's (other code, torch build or thread count)"
+            )
+        else:
+            kept[name] = (run, source)
+    return kept
+
+
+def recorded_here(s: Session, scored: Mapping[str, list[dict[str, Any]]], digest: str) -> list[RecordedRun]:
+    """The students trained in this folder, as a scores file records them."""
+    from fakd_deploy.pipeline import student_stage, teacher_inputs
+
+    assert s.manifest is not None and s.recipe.teacher is not None
+    inputs_key = None if s.recipe.teacher.checkpoint else stage_inputs(teacher_inputs(s))[0]
+    rows = {split: {row["model"]: row for row in found} for split, found in scored.items()}
+    runs = []
+    for name, row in rows["val_last"].items():
+        if row["variant"] == "teacher":
+            continue
+        variant, seed = row["variant"], row["seed"]
+        distils = bool(s.recipe.student.variants[variant])
+        runs.append(
+            RecordedRun(
+                variant=variant,
+                seed=seed,
+                identity=run_identity(s.recipe, variant, seed),
+                teacher=digest if distils else None,
+                teacher_inputs=inputs_key if distils else None,
+                seconds=s.manifest.entry(student_stage(variant, seed)).get("seconds"),
+                val_best=Score.model_validate(rows["val_best"][name]),
+                val_last=Score.model_validate(row),
+                test_last=Score.model_validate(rows["test_last"][name]) if "test_last" in rows else None,
+            )
+        )
+    return runs
+
+
+def origin(run: RecordedRun, source: Path) -> dict[str, Any]:
+    return {
+        "model": f"{run.variant}_s{run.seed}",
+        "variant": run.variant,
+        "seed": run.seed,
+        "from": str(source),
+    }

@@ -17,6 +17,9 @@ from fakd_deploy.runfolder import Manifest, RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(Path(__file__).resolve().parent / "recipes" / "tiny.yaml")
+ALL = (
+    "teacher, baseline_s0, kd_s0, fakd_kd_s0, evaluate, export, build:ort-cpu-fp32, build:ort-cpu-int8, bench"
+)
 runner = CliRunner()
 
 
@@ -81,7 +84,7 @@ def test_second_run_skips_every_stage_bench_included(tiny_run: Path) -> None:
         assert before[name]["outputs"] == after[name]["outputs"], name
     lines = output.splitlines()
     assert f"run folder {tiny_run}: {len(before)} stage(s) done before" in output
-    assert "will train: nothing; up to date: teacher, baseline_s0, kd_s0, fakd_kd_s0;" in output
+    assert f"will run: nothing; up to date: {ALL}" in lines
     assert f"ran 0 stage(s), skipped {len(before)} up to date" in output and "wrote nothing" in lines
 
 
@@ -90,9 +93,21 @@ def test_redo_bench_redoes_the_bench_alone_and_lists_what_it_wrote(tiny_run: Pat
     before = json.loads((tiny_run / "manifest.json").read_text())["stages"]
     output = invoke("run", TINY, "--out", tiny_run, "--redo", "bench")
     assert "redo bench: --redo bench" in output and "skip bench" not in output
-    assert "will train: nothing; up to date: teacher, baseline_s0, kd_s0, fakd_kd_s0;" in output
+    assert f"will run: bench; up to date: {ALL.removesuffix(', bench')}" in output.splitlines()
     retrain = invoke("run", TINY, "--out", tiny_run, "--redo", "student:kd_s0", "--redo", "bench")
-    assert "will train: kd_s0; up to date: teacher, baseline_s0, fakd_kd_s0;" in retrain
+    assert (
+        "will run: kd_s0, bench; then, if what they read changes: evaluate; up to date: teacher, "
+        "baseline_s0, fakd_kd_s0, export, build:ort-cpu-fp32, build:ort-cpu-int8"
+    ) in retrain.splitlines()
+    rows = json.loads((tiny_run / "report.json").read_text())["rows"]
+    assert (tiny_run / "students" / "kd_s0.previous").is_dir()
+    assert not [row for row in rows if row["model"].endswith(".previous")]  # the kept folder is no model
+    teacher = invoke("run", TINY, "--out", tiny_run, "--redo", "teacher", "--redo", "export")
+    assert (
+        "will run: teacher, export; then, if what they read changes: kd_s0, fakd_kd_s0, evaluate, "
+        "build:ort-cpu-fp32, build:ort-cpu-int8, bench; up to date: baseline_s0"
+    ) in teacher.splitlines()
+    assert "skip student:kd_s0" in teacher and "skip build:ort-cpu-int8" in teacher  # same bytes: no retrain
     assert output.count("skip ") == len(before) - 1 and "; redo: bench" in output
     assert f"ran 1 stage(s), skipped {len(before) - 1} up to date" in output
     assert f"wrote 4 files in {tiny_run}:" in output and "  report.json" in output.splitlines()
@@ -115,9 +130,25 @@ def test_a_moved_copy_resumes_and_rebuilds_only_what_is_damaged(tiny_run: Path, 
 @pytest.mark.slow
 def test_train_distill_evaluate_export_build_bench_predict(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "steps"
-    invoke("train", TINY, "--out", out, "--role", "teacher")
-    invoke("train", TINY, "--out", out, "--role", "baseline")
-    invoke("distill", TINY, "--out", out, "--variant", "fakd_kd")
+    teacher = invoke("train", TINY, "--out", out, "--role", "teacher").splitlines()
+    assert teacher[:2] == [f"run folder {out}: new", "will run: teacher; up to date: nothing"]
+    assert teacher[-4:] == [
+        "ran 1 stage(s), skipped 0 up to date",
+        f"wrote 1 file in {out}:",
+        "  teacher/best.pt",
+        f"done: {out}",
+    ]
+    baseline = invoke("train", TINY, "--out", out, "--role", "baseline").splitlines()
+    assert "will run: baseline_s0; up to date: nothing" in baseline
+    distilled = invoke("distill", TINY, "--out", out, "--variant", "fakd_kd").splitlines()
+    assert (
+        "will run: fakd_kd_s0; up to date: nothing" in distilled
+        and "  students/fakd_kd_s0/best.pt" in distilled
+    )
+    again = invoke("distill", TINY, "--out", out).splitlines()
+    assert (
+        "will run: kd_s0; up to date: fakd_kd_s0" in again and "ran 1 stage(s), skipped 1 up to date" in again
+    )
     checkpoint = out / "students" / "fakd_kd_s0" / "best.pt"
     assert "mIoU" in invoke("evaluate", checkpoint, "--max-images", "8")
     onnx = tmp_path / "student.onnx"
@@ -139,6 +170,7 @@ def test_train_distill_evaluate_export_build_bench_predict(tiny_run: Path, tmp_p
         "4",
     )
     assert "ort-cpu-int8" in bench_out and "pytorch" in bench_out
+    assert f"bench {copy}: 5 row(s): teacher on pytorch, baseline_s0 on pytorch," in bench_out  # said first
     rows = json.loads((copy / "report.json").read_text())["rows"]
     assert {r["backend"] for r in rows} == {"pytorch", "ort-cpu-int8"}
     from PIL import Image
@@ -222,6 +254,12 @@ def test_study_on_a_dataset_with_a_test_split(tmp_path: Path) -> None:
     assert "fakd_cwd-lam1 − cwd, val:" in text
     again = invoke("study", TINY, "--out", out, *[arg for item in sets for arg in ("--set", item)])
     assert "skip study:test-last" in again and "skip student:" in again  # resumable like run
+    plan = [line for line in output.splitlines() if line.startswith("will run: ")]
+    assert plan[0].startswith("will run: teacher, baseline_s0, kd_s0, fakd_kd-lam0.1-marginal_s0,")
+    assert plan[0].endswith("study:val-best, study:val-last, study:test-last; up to date: nothing")
+    replan = [line for line in again.splitlines() if line.startswith("will run: ")]
+    assert replan[0].startswith("will run: nothing; up to date: teacher, baseline_s0,")
+    assert "  study/scores.json" in output.splitlines() and "wrote 5 files in" in again  # the reports
     assert json.loads((out / "study.json").read_text())["rows"] == summary["rows"]
 
 

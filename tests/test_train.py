@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -266,7 +267,8 @@ def test_torchrun_two_cpu_ranks_train_and_pool_fakd_statistics(
     steps, ranks, batch = 3, 2, 2
     common = distributed_args(tmp_path, steps, batch)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for command in (["train", "--role", "teacher"], ["distill", "--variant", "fakd_kd"]):
+    study = ["study", "--out", str(tmp_path / "study"), "--set", "study.lam0=[1.0]"]
+    for command in (["train", "--role", "teacher"], ["distill", "--variant", "fakd_kd"], ["run"], study):
         launch = [
             sys.executable,
             "-m",
@@ -284,6 +286,9 @@ def test_torchrun_two_cpu_ranks_train_and_pool_fakd_statistics(
         ]
         done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
+    # after training, rank 0 alone evaluates, exports, builds and benches (or scores the study)
+    assert json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["rows"][0]["seeds"] == 1
     last = load(tmp_path / "students" / "fakd_kd_s0" / "last.pt")
     assert last.step == steps and last.complete
     count = last.training["distiller"]["estimators.diagonal.count"]

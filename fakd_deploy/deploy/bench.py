@@ -572,6 +572,7 @@ def bench(
             "nothing to benchmark: no checkpoint or model file in "
             f"{', '.join(str(p) for p in paths)} runs on {', '.join(wanted or ['any backend usable here'])}"
         )
+    log.info(f"bench {title}: {len(found)} row(s): {', '.join(f'{c.model} on {c.backend}' for c in found)}")
     if out is None and root is not None:
         with RunLock(RunFolder(root)):
             result = bench_run(cfg_recipe, found, cfg, title)
