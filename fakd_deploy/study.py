@@ -353,9 +353,7 @@ def run_study(
         offers = list(taken.values())
         runs = recorded_here(s, scored, digest) + [run for run, _ in offers]
         for split, rows in scored.items():
-            rows += [
-                {**getattr(run, split).model_dump(), **origin(run, source)} for run, source in taken.values()
-            ]
+            rows += [{**getattr(run, split).model_dump(), **origin(run, source)} for run, source in offers]
         seconds: dict[str, dict[int, float]] = {}
         for run in runs:
             if run.seconds is not None:
@@ -371,16 +369,15 @@ def run_study(
             None if recipe.teacher.checkpoint else s.manifest.entry("teacher").get("seconds"),
         )
         root = s.run.root
-        s.written += [
+        for written in (
             save_json(scores_document(runs), folder / "scores.json"),
             save_json(summary, root / "study.json"),
-        ]
-        s.written += [
             save_text(to_csv(summary), root / "study.csv"),
             save_text(to_markdown(summary), root / "study.md"),
-        ]
-        if plot(summary, root / "study.png"):
-            s.written.append(root / "study.png")
+            plot(summary, root / "study.png"),
+        ):
+            if written is not None:
+                s.written.append(written)
         outcome = {"ran": s.ran, "skipped": s.skipped, "written": s.written, "taken": list(taken)}
         return {**summary, "folder": root, **outcome}
 
@@ -444,6 +441,7 @@ def offered_runs(s: Session, merge: Sequence[Path], teacher_trains: bool) -> dic
         for run in read_scores(path, s.num_classes):
             name = f"{run.variant}_s{run.seed}"
             ours = run.variant in recipe.student.variants and run.seed in recipe.student.seeds
+            ours = ours and (run.test_last is not None or not recipe.data.test_split)
             if not ours or name in found or run.identity != run_identity(recipe, run.variant, run.seed):
                 ignored += 1
             elif not recipe.student.variants[run.variant] or (
