@@ -438,12 +438,10 @@ def bench_stage(s: Session) -> BenchReport:
     from fakd_deploy.deploy.report import write_report
 
     found = candidates(s.run)
-    outputs = [s.run.report(suffix) for suffix in ("json", "csv", "md", "png")]
 
     def work(attempt: Attempt) -> tuple[list[Path], dict[str, Any]]:
         result = bench_run(s.recipe, found, s.recipe.bench, title=str(s.run.root))
-        written = write_report(result, s.run.root)
-        return [p for p in outputs if p in written.values()], {"rows": len(result.rows)}
+        return list(write_report(result, s.run.root).values()), {"rows": len(result.rows)}
 
     s.stage("bench", bench_inputs(s, found), work)
     return BenchReport.from_dict(read_json(s.run.report("json")))

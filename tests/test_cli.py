@@ -110,7 +110,7 @@ def test_redo_bench_redoes_the_bench_alone_and_lists_what_it_wrote(tiny_run: Pat
     assert "skip student:kd_s0" in teacher and "skip build:ort-cpu-int8" in teacher  # same bytes: no retrain
     assert output.count("skip ") == len(before) - 1 and "; redo: bench" in output
     assert f"ran 1 stage(s), skipped {len(before) - 1} up to date" in output
-    assert f"wrote 4 files in {tiny_run}:" in output and "  report.json" in output.splitlines()
+    assert f"wrote 6 files in {tiny_run}:" in output and "  report.html" in output.splitlines()
     refused(["run", TINY, "--out", tiny_run, "--redo", "bnech"], "--redo bnech: a stage is one of")
 
 
