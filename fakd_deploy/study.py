@@ -493,12 +493,18 @@ def recorded_here(s: Session, scored: Mapping[str, list[dict[str, Any]]], digest
                 teacher=digest if distils else None,
                 teacher_inputs=inputs_key if distils else None,
                 seconds=s.manifest.entry(student_stage(variant, seed)).get("seconds"),
-                val_best=Score.model_validate(rows["val_best"][name]),
-                val_last=Score.model_validate(row),
-                test_last=Score.model_validate(rows["test_last"][name]) if "test_last" in rows else None,
+                val_best=carried(rows["val_best"][name]),
+                val_last=carried(row),
+                test_last=carried(rows["test_last"][name]) if "test_last" in rows else None,
             )
         )
     return runs
+
+
+def carried(row: Mapping[str, Any]) -> Score:
+    """An evaluation row as a scores file carries it: all but the confusion matrix, which
+    the study does not read and which would be most of the file."""
+    return Score.model_validate({key: value for key, value in row.items() if key != "confusion_matrix"})
 
 
 def origin(run: RecordedRun, source: Path) -> dict[str, Any]:

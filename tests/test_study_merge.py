@@ -85,6 +85,7 @@ def test_a_run_is_taken_only_with_its_inputs_and_its_teacher_weights(
     teacher = weights_digest(shards["a"] / "teacher" / "best.pt")
     assert recorded[("kd", 0)]["teacher"] == teacher and recorded[("baseline", 0)]["teacher"] is None
     assert recorded[("kd", 0)]["seconds"] > 0
+    assert "confusion_matrix" not in recorded[("kd", 0)]["val_last"]  # the one thing not carried
     whole = {
         (r["variant"], r["seed"]): r["miou"]
         for r in json.loads((shards["a"] / "study/val_last.json").read_text())
