@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -169,7 +169,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             epoch, skip = epoch + 1, 0
 
 
-def batches(job: Job, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(job: Job, start_step: int) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """Training batches from `start_step` on.
 
     One loader iterator serves the whole run, so its worker processes start once and live
@@ -310,12 +310,13 @@ def fit(distiller: Distiller, job: Job, resume: bool = True) -> dict[str, Any]:
             **job.meta,
         ).save(path)
 
-    stream = batches(job, step)
     distiller.train()
     loss_sum = torch.zeros((), device=device)
     nonfinite: torch.Tensor | None = None  # per logged term, set once a value was inf or NaN
     since_log = 0
-    with StopSignal() as stop, progress_bar("loss", "lr") as progress:
+    # closing: the loader's workers (which ignore stop signals) end with the loop, also when it
+    # raises; a traceback that kept them would leave the interpreter waiting for them at exit
+    with closing(batches(job, step)) as stream, StopSignal() as stop, progress_bar("loss", "lr") as progress:
         task = progress.add_task(
             job.description, total=cfg.steps, completed=step, loss="-", lr="-", visible=rank == 0
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -85,6 +87,17 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, monkeypatc
     assert resumed.step == straight.step == 6
     for key, value in straight.model.items():
         torch.testing.assert_close(resumed.model[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_an_interrupted_run_leaves_no_loader_worker_behind(tmp_path: Path, monkeypatch) -> None:
+    """Loader workers ignore stop signals (the main process ends them). Were they kept alive by
+    the raised error's traceback, the interpreter would wait for them forever at exit."""
+    distiller, job = tiny_job(tmp_path)
+    signal_at_forward(monkeypatch, 2, signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        fit(distiller, dataclasses.replace(job, workers=2))
+    assert stopped.traceback  # its frames, fit's included, are still held here
+    assert multiprocessing.active_children() == []
 
 
 def test_resume_with_gradient_accumulation_is_identical(tmp_path: Path, monkeypatch) -> None:
