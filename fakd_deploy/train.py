@@ -191,10 +191,15 @@ def batches(job: Job, start_step: int) -> Generator[tuple[torch.Tensor, torch.Te
     )
     with signals_blocked():
         stream = iter(loader)
-    for batch in stream:
-        if isinstance(batch, BadSample):
-            raise batch.error
-        yield batch
+    try:
+        for batch in stream:
+            if isinstance(batch, BadSample):
+                raise batch.error
+            yield batch
+    finally:
+        # The workers ignore stop signals and end when their iterator goes: drop it here, also
+        # when this frame outlives the loop in a traceback (the interpreter would wait at exit).
+        del stream
 
 
 def rng_state() -> dict[str, Any]:

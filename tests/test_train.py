@@ -19,7 +19,7 @@ from helpers import signal_at_forward
 from torch.utils.data import DistributedSampler
 
 from fakd_deploy.distill.distiller import Distiller
-from fakd_deploy.errors import Interrupted, TrainingError
+from fakd_deploy.errors import DatasetError, Interrupted, TrainingError
 from fakd_deploy.models import Checkpoint, build_model
 from fakd_deploy.recipe import TrainConfig, load_recipe
 from fakd_deploy.train import EpochSampler, Job, fit, poly_schedule
@@ -97,6 +97,16 @@ def test_an_interrupted_run_leaves_no_loader_worker_behind(tmp_path: Path, monke
     with pytest.raises(Interrupted) as stopped:
         fit(distiller, dataclasses.replace(job, workers=2))
     assert stopped.traceback  # its frames, fit's included, are still held here
+    assert multiprocessing.active_children() == []
+
+    def unreadable(self: object, index: int) -> None:
+        raise DatasetError(f"sample {index} cannot be read")
+
+    distiller, job = tiny_job(tmp_path / "unreadable")
+    monkeypatch.setattr(type(job.train_set), "__getitem__", unreadable)  # the workers fork after
+    with pytest.raises(DatasetError) as failed:  # raised inside the batch generator's own frame
+        fit(distiller, dataclasses.replace(job, workers=2))
+    assert failed.traceback
     assert multiprocessing.active_children() == []
 
 
