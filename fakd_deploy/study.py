@@ -427,7 +427,7 @@ def announce_study(s: Session, merge: Sequence[Path]) -> dict[str, Offer]:
 def offered_runs(s: Session, merge: Sequence[Path], teacher_trains: bool) -> dict[str, Offer]:
     """The runs of the `merge` files that are this study's: the same identity and, as far as
     can be told before the teacher trains (by its inputs), the same teacher weights."""
-    from fakd_deploy.pipeline import planned_teacher, teacher_inputs
+    from fakd_deploy.pipeline import planned_teacher
 
     recipe, found = s.recipe, dict[str, Offer]()
     if not merge:
@@ -435,7 +435,7 @@ def offered_runs(s: Session, merge: Sequence[Path], teacher_trains: bool) -> dic
     assert recipe.teacher is not None
     teacher = planned_teacher(s)
     digest = weights_digest(teacher) if teacher and teacher.is_file() and not teacher_trains else None
-    inputs_key = None if recipe.teacher.checkpoint else stage_inputs(teacher_inputs(s))[0]
+    inputs_key = teacher_key(s)
     for path in merge:
         ignored = 0
         for run in read_scores(path, s.num_classes):
@@ -474,10 +474,10 @@ def same_teacher(taken: dict[str, Offer], digest: str, recipe: Recipe) -> dict[s
 
 def recorded_here(s: Session, scored: Mapping[str, list[dict[str, Any]]], digest: str) -> list[RecordedRun]:
     """The students trained in this folder, as a scores file records them."""
-    from fakd_deploy.pipeline import student_stage, teacher_inputs
+    from fakd_deploy.pipeline import student_stage
 
     assert s.manifest is not None and s.recipe.teacher is not None
-    inputs_key = None if s.recipe.teacher.checkpoint else stage_inputs(teacher_inputs(s))[0]
+    inputs_key = teacher_key(s)
     rows = {split: {row["model"]: row for row in found} for split, found in scored.items()}
     runs = []
     for name, row in rows["val_last"].items():
@@ -505,6 +505,14 @@ def carried(row: Mapping[str, Any]) -> Score:
     """An evaluation row as a scores file carries it: all but the confusion matrix, which
     the study does not read and which would be most of the file."""
     return Score.model_validate({key: value for key, value in row.items() if key != "confusion_matrix"})
+
+
+def teacher_key(s: Session) -> str | None:
+    """The key of the teacher stage's inputs; None for a teacher trained elsewhere."""
+    from fakd_deploy.pipeline import teacher_inputs
+
+    assert s.recipe.teacher is not None
+    return None if s.recipe.teacher.checkpoint else stage_inputs(teacher_inputs(s))[0]
 
 
 def origin(run: RecordedRun, source: Path) -> dict[str, Any]:
