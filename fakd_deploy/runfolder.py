@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -336,13 +337,12 @@ def changes(old: dict[str, Any], new: dict[str, Any], shown: int = 6) -> str:
     for key in [*after, *(k for k in before if k not in after)]:
         if before.get(key) == after.get(key):
             continue
-        value = after.get(key, before.get(key))
-        if isinstance(value, dict) and "sha256" in value:
-            found.append(f"{key} (file {value.get('file')}) changed")
-        elif key not in before:
+        if key not in before:
             found.append(f"{key} is new ({short(after[key])})")
         elif key not in after:
             found.append(f"{key} is gone (was {short(before[key])})")
+        elif is_file(after[key]):
+            found.append(f"{key} (file {after[key].get('file')}) changed")
         else:
             found.append(f"{key} {short(before[key])} -> {short(after[key])}")
     more = f" and {len(found) - shown} more" if len(found) > shown else ""
@@ -354,14 +354,21 @@ def flatten(inputs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in inputs.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and "sha256" not in value:
+        if isinstance(value, dict) and value and not is_file(value):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat
 
 
+def is_file(value: Any) -> bool:
+    """A recorded input file: its name and hash, compared as one value."""
+    return isinstance(value, dict) and "sha256" in value
+
+
 def short(value: Any, limit: int = 40) -> str:
+    if is_file(value):
+        return f"file {value.get('file')}"
     text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -402,11 +409,30 @@ class Manifest:
 
     def attempt(self, name: str) -> tuple[str, bool] | None:
         """The unfinished attempt's key and whether it works in `<folder>.next`, if any."""
+        pending = self.pending(name)
+        return (pending["key"], bool(pending.get("staging"))) if pending is not None else None
+
+    def pending(self, name: str) -> dict[str, Any] | None:
         entry = self.entry(name)
         if entry.get("done"):
             pending = entry.get("attempt")
-            return (pending["key"], bool(pending.get("staging"))) if isinstance(pending, dict) else None
-        return (entry["key"], bool(entry.get("staging"))) if "key" in entry else None
+            return pending if isinstance(pending, dict) and "key" in pending else None
+        return entry if "key" in entry else None
+
+    def stopped(self, name: str, seconds: float) -> None:
+        """An attempt ended unfinished (a signal, an error): its time counts when it resumes."""
+        pending = self.pending(name)
+        if pending is not None:
+            pending["seconds"] = round(self.spent(name, pending["key"]) + seconds, 2)
+            self.save()
+
+    def spent(self, name: str, key: str) -> float:
+        """Seconds the stopped attempts with this key worked (a SIGKILLed one's time is lost)."""
+        pending = self.pending(name)
+        seconds = pending.get("seconds") if pending is not None and pending["key"] == key else None
+        if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0:
+            return float(seconds)
+        return 0.0
 
     def begin(self, name: str, key: str, inputs: dict[str, Any], staging: bool) -> None:
         attempt = {"key": key, "inputs": inputs, "staging": staging}

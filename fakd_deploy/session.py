@@ -23,7 +23,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,10 +118,19 @@ class Session:
         self.ran.append(name)
         where = self.run.next_folder(folder) if folder is not None and plan.staging else folder
         started = time.perf_counter()
-        outputs, metrics = work(Attempt(plan.action == "resume", where))
+        try:
+            outputs, metrics = work(Attempt(plan.action == "resume", where))
+        except BaseException:
+            if self.manifest is not None:
+                with suppress(OSError):  # the error that stopped it is the one to show
+                    self.manifest.stopped(name, time.perf_counter() - started)
+            raise
         if self.manifest is not None:
+            seconds = time.perf_counter() - started
+            if plan.action == "resume":
+                seconds += self.manifest.spent(name, key)
             final = {final_path(path, where, folder): path for path in outputs}
-            self.manifest.finish(name, key, final, time.perf_counter() - started, metrics, versions(), record)
+            self.manifest.finish(name, key, final, seconds, metrics, versions(), record)
             self.written.extend(final)
             if folder is not None and where is not None and plan.staging:
                 self.run.replace_folder(folder, where)

@@ -728,6 +728,51 @@ def test_a_swap_cut_short_is_finished_by_the_next_attempt(tmp_path: Path, monkey
     assert Manifest(run).is_done("s", Manifest(run).entry("s")["key"])
 
 
+def test_a_resumed_stage_records_the_time_of_all_its_attempts(tmp_path: Path, monkeypatch) -> None:
+    """A study reports each run's training time from the manifest: an attempt stopped by a
+    signal counts, one for other inputs does not, and a redo starts the count again."""
+    from fakd_deploy import session as session_module
+    from fakd_deploy.recipe import load_recipe
+    from fakd_deploy.session import Session
+
+    recipe = load_recipe(Path(__file__).parent / "recipes" / "tiny.yaml")
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    clock = [100.0]
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock[0])
+
+    def stage(inputs: dict, seconds: float, stop: bool = False) -> None:
+        def work(attempt):
+            clock[0] += seconds
+            if stop:
+                raise KeyboardInterrupt
+            return [], {}
+
+        Session(recipe, run, False, torch.device("cpu"), 6, [], Manifest(run)).stage("s", inputs, work)
+
+    def recorded() -> float:
+        return Manifest(run).entry("s")["seconds"]
+
+    for seconds in (30.0, 12.5):
+        with pytest.raises(KeyboardInterrupt):
+            stage({"v": 1}, seconds, stop=True)
+    stage({"v": 1}, 40.0)
+    assert recorded() == 82.5
+    with pytest.raises(KeyboardInterrupt):
+        stage({"v": 2}, 7.0, stop=True)
+    stage({"v": 2}, 5.0)
+    assert recorded() == 12.0
+    stage({"v": 3}, 3.0)
+    assert recorded() == 3.0
+    with pytest.raises(KeyboardInterrupt):
+        stage({"v": 4}, 50.0, stop=True)
+    manifest = Manifest(run)
+    manifest.entry("s")["attempt"]["seconds"] = "soon"  # a hand-edited manifest counts nothing
+    manifest.save()
+    stage({"v": 4}, 2.0)
+    assert recorded() == 2.0
+
+
 def test_changes_name_the_keys_and_files_that_differ() -> None:
     from fakd_deploy.runfolder import changes
 
@@ -735,6 +780,10 @@ def test_changes_name_the_keys_and_files_that_differ() -> None:
     after = {"teacher.train": {"steps": 1000, "lr": 0.01}, "teacher": {"file": "best.pt", "sha256": "b"}}
     assert changes(before, after) == "teacher.train.steps 150 -> 1000, teacher (file best.pt) changed"
     assert changes({"seed": 0}, {"seed": 0, "split": "val"}) == 'split is new ("val")'
+    one = {"checkpoint kd_s0": {"file": "last.pt", "sha256": "a"}}
+    two = {**one, "checkpoint kd_s1": {"file": "last.pt", "sha256": "c"}}
+    assert changes(one, two) == "checkpoint kd_s1 is new (file last.pt)"
+    assert changes(two, one) == "checkpoint kd_s1 is gone (was file last.pt)"
 
 
 # --- Non-finite values ------------------------------------------------------------------
