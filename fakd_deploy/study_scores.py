@@ -20,10 +20,10 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fakd_deploy.errors import BadInput
 from fakd_deploy.inputs import read_text
@@ -34,12 +34,15 @@ from fakd_deploy.runfolder import encode, encoded_key
 SCORES_LIMIT = 16 << 20  # a 10-seed, 12-variant study with 150 classes is well below 1 MiB
 
 
+Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
 class Score(BaseModel):
     """One evaluation row; what the study's statistics read of it is checked, the rest kept."""
 
     model_config = ConfigDict(extra="allow")
-    miou: float
-    per_class_iou: list[float | None]
+    miou: Percent
+    per_class_iou: list[Percent | None]
 
 
 class RecordedRun(BaseModel):
@@ -49,7 +52,7 @@ class RecordedRun(BaseModel):
     identity: str
     teacher: str | None = None
     teacher_inputs: str | None = None
-    seconds: float | None = None
+    seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     val_best: Score
     val_last: Score
     test_last: Score | None = None

@@ -4,6 +4,7 @@ study that one folder would have run; runs of another study or another teacher a
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,32 @@ GOOD_RUN = {
         (
             json.dumps({"format": 1, "runs": [{**GOOD_RUN, "val_last": {"miou": 1, "per_class_iou": [1]}}]}),
             "'runs.0.val_last.per_class_iou' has 1 classes; this study's dataset has 6",
+        ),
+        (
+            json.dumps(
+                {"format": 1, "runs": [{**GOOD_RUN, "val_best": {"miou": math.nan, "per_class_iou": []}}]}
+            ),
+            "'runs.0.val_best.miou'",
+        ),
+        (
+            json.dumps(
+                {"format": 1, "runs": [{**GOOD_RUN, "val_last": {"miou": 101, "per_class_iou": [1] * 6}}]}
+            ),
+            "'runs.0.val_last.miou': Input should be less than or equal to 100",
+        ),
+        (
+            json.dumps(
+                {
+                    "format": 1,
+                    "runs": [{**GOOD_RUN, "val_best": {"miou": 1, "per_class_iou": [1, 1, -3, 1, 1, 1]}}],
+                }
+            ),
+            "'runs.0.val_best.per_class_iou.2",
+        ),
+        (json.dumps({"format": 1, "runs": [{**GOOD_RUN, "seconds": -1}]}), "'runs.0.seconds'"),
+        (
+            json.dumps({"format": 1, "runs": [{**GOOD_RUN, "seconds": math.inf}]}),
+            "'runs.0.seconds'",
         ),
     ],
 )
