@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fakd_deploy.data import splits
 from fakd_deploy.distributed import leave_group
 from fakd_deploy.errors import BadInput
 from fakd_deploy.recipe import BoundName, LossTerm, Recipe, load_recipe, parse_recipe
@@ -326,8 +327,9 @@ def run_study(
     recipe, described = expand(load_recipe(recipe_path, overrides or []))
     if recipe.teacher is None:
         raise BadInput("a study distils from a teacher: the recipe needs a 'teacher' section")
+    scores = read_merged(recipe, merge)  # a bad file is refused before the run folder is touched
     with session(recipe, out, force) as s:
-        taken = announce_study(s, merge)
+        taken = announce_study(s, scores)
         teacher = train_teacher(s)
         digest = weights_digest(teacher)
         taken = same_teacher(taken, digest, recipe)
@@ -382,9 +384,17 @@ def run_study(
         return {**summary, "folder": root, **outcome}
 
 
-def announce_study(s: Session, merge: Sequence[Path]) -> dict[str, Offer]:
-    """Log the plan line (what will train, what is up to date, what is taken from `merge`)
-    and return the runs to take."""
+def read_merged(recipe: Recipe, merge: Sequence[Path]) -> dict[Path, list[RecordedRun]]:
+    """The runs of each `--merge` file, checked against the recipe's dataset."""
+    if not merge:
+        return {}
+    num_classes, _ = splits.dataset_info(recipe.data)
+    return {path: read_scores(path, num_classes) for path in merge}
+
+
+def announce_study(s: Session, scores: Mapping[Path, list[RecordedRun]]) -> dict[str, Offer]:
+    """Log the plan line (what will train, what is up to date, what is taken from the merged
+    `scores`) and return the runs to take."""
     from fakd_deploy.pipeline import (
         RUNS,
         UP_TO_DATE,
@@ -401,7 +411,7 @@ def announce_study(s: Session, merge: Sequence[Path]) -> dict[str, Offer]:
     assert teacher is not None
     students = [(variant, seed) for seed in recipe.student.seeds for variant in recipe.student.variants]
     stages = training_stages(s, teacher, students, with_teacher=True)
-    offered = offered_runs(s, merge, teacher_trains=stages.get("teacher") == RUNS)
+    offered = offered_runs(s, scores, teacher_trains=stages.get("teacher") == RUNS)
     taken = {name: offered[name] for name in stages if name in offered and stages[name] != UP_TO_DATE}
     training = {name: runs for name, runs in stages.items() if name not in taken}
     checkpoints = {
@@ -424,21 +434,23 @@ def announce_study(s: Session, merge: Sequence[Path]) -> dict[str, Offer]:
     return taken
 
 
-def offered_runs(s: Session, merge: Sequence[Path], teacher_trains: bool) -> dict[str, Offer]:
-    """The runs of the `merge` files that are this study's: the same identity and, as far as
-    can be told before the teacher trains (by its inputs), the same teacher weights."""
+def offered_runs(
+    s: Session, scores: Mapping[Path, list[RecordedRun]], teacher_trains: bool
+) -> dict[str, Offer]:
+    """The merged runs that are this study's: the same identity and, as far as can be told
+    before the teacher trains (by its inputs), the same teacher weights."""
     from fakd_deploy.pipeline import planned_teacher
 
     recipe, found = s.recipe, dict[str, Offer]()
-    if not merge:
+    if not scores:
         return found
     assert recipe.teacher is not None
     teacher = planned_teacher(s)
     digest = weights_digest(teacher) if teacher and teacher.is_file() and not teacher_trains else None
     inputs_key = teacher_key(s)
-    for path in merge:
+    for path, runs in scores.items():
         ignored = 0
-        for run in read_scores(path, s.num_classes):
+        for run in runs:
             name = f"{run.variant}_s{run.seed}"
             ours = run.variant in recipe.student.variants and run.seed in recipe.student.seeds
             ours = ours and (run.test_last is not None or not recipe.data.test_split)
