@@ -158,8 +158,19 @@ def test_truncated_image_names_the_file(tmp_path: Path) -> None:
     make_folder(tmp_path)
     image = tmp_path / "images/x1.jpg"
     image.write_bytes(image.read_bytes()[:40])
-    with pytest.raises(DatasetError, match=r"x1\.jpg is not a readable image"):
+    with pytest.raises(DatasetError, match=r"x1\.jpg is not a readable image \(truncated or corrupt\?\)"):
         build_dataset("folder", tmp_path, "train")[0]
+
+
+def test_a_file_that_is_no_image_names_itself_not_a_descriptor(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    (tmp_path / "images/x1.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(DatasetError) as error:
+        build_dataset("folder", tmp_path, "train")[0]
+    assert (
+        str(error.value)
+        == f"{tmp_path / 'images/x1.jpg'} is not a readable image: no image format Pillow reads"
+    )
 
 
 def test_out_of_range_label_names_file_and_value(tmp_path: Path) -> None:

@@ -64,7 +64,9 @@ def decode(path: Path) -> Image.Image:
                 f"{path} has more than {MAX_IMAGE_PIXELS:,} pixels, the limit for an image "
                 "(decoding it could take gigabytes)"
             ) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        except UnidentifiedImageError:  # its message names the file descriptor, not the file
+            raise DatasetError(f"{path} is not a readable image: no image format Pillow reads") from None
+        except (OSError, SyntaxError, ValueError) as error:
             raise DatasetError(f"{path} is not a readable image (truncated or corrupt?): {error}") from None
     if frames > 1:
         raise DatasetError(f"{path} holds {frames} frames (an animation or a stack); give one image per file")
