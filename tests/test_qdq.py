@@ -3,7 +3,6 @@ converter (no torch, no GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections import Counter
@@ -17,10 +16,12 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 from onnx_graphs import onnx_mobile_segmenter, onnx_segmenter
 
+from fakd_deploy.deploy import modelopt_int8
 from fakd_deploy.deploy.fp16 import to_fp16
 from fakd_deploy.deploy.qdq import share_concat_scales, tensorrt_placement
 from fakd_deploy.deploy.qdq_rules import check_tensorrt_qdq, fusion_advice, residual_main_inputs
 from fakd_deploy.deploy.quantize import quantize_ort_int8, quantize_tensorrt_int8
+from fakd_deploy.errors import BackendUnavailable
 
 SIZE = (32, 48)
 RNG = np.random.default_rng(0)
@@ -152,8 +153,24 @@ def _modelopt(source: Path, calib: np.ndarray) -> onnx.ModelProto:
     return onnx.load(str(out))
 
 
+def test_model_optimizer_without_its_onnx_dependencies_is_named_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without them Model Optimizer fails asking for its [onnx] extra, which would replace
+    onnxruntime; the error names the extra to install instead and what is missing."""
+    installed = {"modelopt", "onnx_graphsurgeon", "onnxconverter_common", "polygraphy"}
+    monkeypatch.setattr(
+        modelopt_int8.importlib.util, "find_spec", lambda name: object() if name in installed else None
+    )
+    with pytest.raises(BackendUnavailable) as error:
+        modelopt_int8.quantize_modelopt_int8(tmp_path / "m.onnx", tmp_path / "m.qdq.onnx", [])
+    message = str(error.value)
+    assert "pip install 'fakd-deploy[modelopt]'" in message and message.endswith("missing here: lief")
+    assert not (tmp_path / "m.qdq.onnx").exists()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt is not installed")
+@pytest.mark.skipif(modelopt_int8.available() is not None, reason=str(modelopt_int8.available()))
 @pytest.mark.parametrize(
     "graph",
     [

@@ -28,16 +28,22 @@ from fakd_deploy.errors import BackendUnavailable, BadInput, BuildError
 from fakd_deploy.utils import SCRATCH, atomic_write, file_sha256
 
 INSTALL_HINT = (
-    "deploy.quantizer=modelopt needs NVIDIA Model Optimizer: pip install nvidia-modelopt "
-    "onnx-graphsurgeon onnxconverter-common polygraphy lief (not its [onnx] extra, see docs/deploy.md)"
+    "deploy.quantizer=modelopt needs NVIDIA Model Optimizer and what its ONNX quantizer imports: "
+    "pip install 'fakd-deploy[modelopt]' (not nvidia-modelopt[onnx], see docs/deploy.md)"
 )
 # fakd-deploy's calibration methods as Model Optimizer names them (it has no percentile)
 METHODS = {"minmax": "max", "entropy": "entropy"}
 
 
+# what `modelopt.onnx` imports that `pip install nvidia-modelopt` alone does not bring
+NEEDED = ("modelopt", "onnx_graphsurgeon", "onnxconverter_common", "polygraphy", "lief")
+
+
 def available() -> str | None:
-    """Why Model Optimizer cannot run here, or None when it is installed."""
-    return None if importlib.util.find_spec("modelopt") is not None else INSTALL_HINT
+    """Why Model Optimizer cannot run here, or None when it and its ONNX dependencies are
+    installed (without them it fails, asking for the `[onnx]` extra that must not be installed)."""
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    return f"{INSTALL_HINT}; missing here: {', '.join(missing)}" if missing else None
 
 
 def quantize_modelopt_int8(
