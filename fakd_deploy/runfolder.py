@@ -427,7 +427,8 @@ class Manifest:
             self.save()
 
     def spent(self, name: str, key: str) -> float:
-        """Seconds the stopped attempts with this key worked (a SIGKILLed one's time is lost)."""
+        """Seconds the stopped attempts with this key worked (a SIGKILLed one's time is lost);
+        0 for a fresh attempt, whose record `begin` started without any."""
         pending = self.pending(name)
         seconds = pending.get("seconds") if pending is not None and pending["key"] == key else None
         if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0:

@@ -126,9 +126,7 @@ class Session:
                     self.manifest.stopped(name, time.perf_counter() - started)
             raise
         if self.manifest is not None:
-            seconds = time.perf_counter() - started
-            if plan.action == "resume":
-                seconds += self.manifest.spent(name, key)
+            seconds = time.perf_counter() - started + self.manifest.spent(name, key)
             final = {final_path(path, where, folder): path for path in outputs}
             self.manifest.finish(name, key, final, seconds, metrics, versions(), record)
             self.written.extend(final)
