@@ -19,6 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fakd_deploy.data import splits
 from fakd_deploy.deploy.rows import BenchReport
 from fakd_deploy.distill.distiller import Distiller
@@ -111,7 +113,8 @@ def train_teacher(s: Session) -> Path:
                 model, None, [], s.num_classes, s.recipe.data.ignore_index, aux_weight=cfg.train.aux_weight
             )
             metrics = fit(distiller, job, resume=attempt.resume)
-        return [attempt.folder / "best.pt"], _summary(metrics)
+        # a teacher's weights depend on the thread count: a study's scores file records it
+        return [attempt.folder / "best.pt"], {**_summary(metrics), "threads": torch.get_num_threads()}
 
     s.stage("teacher", teacher_inputs(s), work, folder=s.run.teacher)
     return s.run.teacher / "best.pt"

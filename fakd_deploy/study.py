@@ -23,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fakd_deploy.data import splits
 from fakd_deploy.distributed import leave_group
 from fakd_deploy.errors import BadInput
@@ -353,7 +355,8 @@ def run_study(
                 s, last, split=recipe.data.test_split, name="study:test-last", out=folder / "test_last.json"
             )
         offers = list(taken.values())
-        runs = recorded_here(s, scored, digest) + [run for run, _ in offers]
+        threads = teacher_threads(s)
+        runs = recorded_here(s, scored, digest) + [known_threads(run, digest, threads) for run, _ in offers]
         for split, rows in scored.items():
             rows += [{**getattr(run, split).model_dump(), **origin(run, source)} for run, source in offers]
         seconds: dict[str, dict[int, float]] = {}
@@ -449,7 +452,7 @@ def offered_runs(
     digest = weights_digest(teacher) if teacher and teacher.is_file() and not teacher_trains else None
     inputs_key = teacher_key(s)
     for path, runs in scores.items():
-        ignored = 0
+        ignored, threads = 0, set()
         for run in runs:
             name = f"{run.variant}_s{run.seed}"
             ours = run.variant in recipe.student.variants and run.seed in recipe.student.seeds
@@ -462,25 +465,36 @@ def offered_runs(
                 else inputs_key is not None and run.teacher_inputs == inputs_key
             ):
                 found[name] = (run, path)
+                if run.teacher_threads is not None and not digest:
+                    threads.add(run.teacher_threads)
             else:
                 ignored += 1
         if ignored:
             why = "not this study's (other inputs or teacher) or given twice"
             log.info(f"{ignored} run(s) of {path} not taken: {why}")
+        here = torch.get_num_threads()
+        if teacher_trains and threads - {here}:
+            log.warning(
+                f"{path}'s teacher trained with {', '.join(map(str, sorted(threads)))} thread(s) and this "
+                f"one trains with {here}: it will likely train to other weights, and then every distilled "
+                f"run of that file trains here; to take them, run with OMP_NUM_THREADS={min(threads)}"
+            )
     return found
 
 
 def same_teacher(taken: dict[str, Offer], digest: str, recipe: Recipe) -> dict[str, Offer]:
     """The offers whose teacher has the weights of the one trained here; the others train."""
-    kept = {}
+    kept, retrained = {}, dict[Path, list[str]]()
     for name, (run, source) in taken.items():
         if recipe.student.variants[run.variant] and run.teacher != digest:
-            log.info(
-                f"train {name} here: {source} scored it with a teacher whose weights differ from this "
-                "study's (other code, torch build or thread count)"
-            )
+            retrained.setdefault(source, []).append(name)
         else:
             kept[name] = (run, source)
+    for source, names in retrained.items():
+        log.info(
+            f"train {len(names)} run(s) here ({', '.join(names)}): {source} scored them with a teacher "
+            "whose weights differ from this study's (other code, torch build or thread count)"
+        )
     return kept
 
 
@@ -490,6 +504,7 @@ def recorded_here(s: Session, scored: Mapping[str, list[dict[str, Any]]], digest
 
     assert s.manifest is not None and s.recipe.teacher is not None
     inputs_key = teacher_key(s)
+    threads = teacher_threads(s)
     rows = {split: {row["model"]: row for row in found} for split, found in scored.items()}
     runs = []
     for name, row in rows["val_last"].items():
@@ -504,6 +519,7 @@ def recorded_here(s: Session, scored: Mapping[str, list[dict[str, Any]]], digest
                 identity=run_identity(s.recipe, variant, seed),
                 teacher=digest if distils else None,
                 teacher_inputs=inputs_key if distils else None,
+                teacher_threads=threads if distils else None,
                 seconds=s.manifest.entry(student_stage(variant, seed)).get("seconds"),
                 val_best=carried(rows["val_best"][name]),
                 val_last=carried(row),
@@ -511,6 +527,22 @@ def recorded_here(s: Session, scored: Mapping[str, list[dict[str, Any]]], digest
             )
         )
     return runs
+
+
+def teacher_threads(s: Session) -> int | None:
+    """The thread count the teacher trained with here, as its manifest entry records it."""
+    assert s.manifest is not None
+    metrics = s.manifest.entry("teacher").get("metrics")
+    threads = metrics.get("threads") if isinstance(metrics, dict) else None
+    return threads if isinstance(threads, int) and threads >= 1 else None  # the manifest may be edited
+
+
+def known_threads(run: RecordedRun, digest: str, threads: int | None) -> RecordedRun:
+    """A taken run whose file predates recording thread counts gets the count of this
+    teacher, which has the same weights."""
+    if run.teacher == digest and run.teacher_threads is None and threads is not None:
+        return run.model_copy(update={"teacher_threads": threads})
+    return run
 
 
 def carried(row: Mapping[str, Any]) -> Score:

@@ -11,7 +11,9 @@ teacher file, whose stored recipe differs between two shards of one study).
 identity is this study's instead of training it: two machines can each run half the
 seeds, or a later session can continue a study whose folder is gone, and the merged
 study is exactly the one that would have run in one place, as long as the teacher
-trains to the same weights there (same code, torch build and thread count).
+trains to the same weights there (same code, torch build and thread count). The file
+records the teacher's thread count, so that a study told to merge it warns before its
+teacher trains with another.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class RecordedRun(BaseModel):
     identity: str
     teacher: str | None = None
     teacher_inputs: str | None = None
+    teacher_threads: Annotated[int, Field(ge=1)] | None = None  # torch's thread count when it trained
     seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     val_best: Score
     val_last: Score

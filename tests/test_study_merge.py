@@ -51,19 +51,19 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_two_shards_merged_are_the_study_run_in_one_folder(shards: dict[str, Path], tmp_path: Path) -> None:
     merged = tmp_path / "merged"
+    older = json.loads((shards["b"] / "study/scores.json").read_text())
+    for run in older["runs"]:
+        del run["teacher_threads"]  # as a file written before thread counts were recorded
+    (tmp_path / "older.json").write_text(json.dumps(older))
     output = study(
-        merged,
-        "[0, 1]",
-        "--merge",
-        shards["a"] / "study/scores.json",
-        "--merge",
-        shards["b"] / "study/scores.json",
+        merged, "[0, 1]", "--merge", shards["a"] / "study/scores.json", "--merge", tmp_path / "older.json"
     )
     assert (
         "will run: teacher, study:val-best, study:val-last; up to date: nothing; taken from --merge: "
         "baseline_s0, kd_s0, fakd_kd-lam1-marginal_s0, baseline_s1, kd_s1, fakd_kd-lam1-marginal_s1"
     ) in output
     assert "taken from --merge: 6 run(s)" in output
+    assert "thread(s)" not in output  # the teacher trains here with the shards' thread count
     stages = json.loads((merged / "manifest.json").read_text())["stages"]
     assert not [name for name in stages if name.startswith("student:")]  # nothing trained here
     whole = json.loads((shards["whole"] / "study.json").read_text())["rows"]
@@ -71,7 +71,7 @@ def test_two_shards_merged_are_the_study_run_in_one_folder(shards: dict[str, Pat
     assert [timeless(row) for row in rows] == [timeless(row) for row in whole]  # wall times aside
     assert {k: timeless(run) for k, run in scores(merged).items()} == {
         k: timeless(run) for k, run in scores(shards["whole"]).items()
-    }  # the merged file carries on like the original
+    }  # the merged file carries on like the original; a teacher of the same weights gives the thread count
     assert [row["seconds"]["n"] for row in rows] == [2, 2, 2]
     again = study(merged, "[0, 1]", "--merge", shards["a"] / "study/scores.json")
     assert "taken from --merge: baseline_s0, kd_s0, fakd_kd-lam1-marginal_s0" in again
@@ -85,6 +85,8 @@ def test_a_run_is_taken_only_with_its_inputs_and_its_teacher_weights(
     recorded = scores(shards["a"])
     teacher = weights_digest(shards["a"] / "teacher" / "best.pt")
     assert recorded[("kd", 0)]["teacher"] == teacher and recorded[("baseline", 0)]["teacher"] is None
+    assert recorded[("kd", 0)]["teacher_threads"] == torch.get_num_threads()
+    assert recorded[("baseline", 0)]["teacher_threads"] is None
     assert recorded[("kd", 0)]["seconds"] > 0
     assert "confusion_matrix" not in recorded[("kd", 0)]["val_last"]  # the one thing not carried
     whole = {
@@ -111,16 +113,22 @@ def test_a_run_is_taken_only_with_its_inputs_and_its_teacher_weights(
 def test_a_teacher_that_trains_to_other_weights_leaves_its_students_to_train_here(
     shards: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Same inputs, other weights (another torch build or thread count): told, and trained."""
+    """Same inputs, other weights (another torch build or thread count): told, and trained;
+    a teacher recorded with another thread count is named before this one trains."""
     forged = json.loads((shards["a"] / "study/scores.json").read_text())
+    elsewhere = torch.get_num_threads() + 3
     for run in forged["runs"]:
         if run["teacher"]:
-            run["teacher"] = "0" * 64
+            run["teacher"], run["teacher_threads"] = "0" * 64, elsewhere
     path = tmp_path / "scores.json"
     path.write_text(json.dumps(forged))
     output = study(tmp_path / "elsewhere", "[0]", "--merge", path)
     assert "taken from --merge: baseline_s0, kd_s0, fakd_kd-lam1-marginal_s0" in output  # by inputs
-    assert "train kd_s0 here:" in output and "whose weights differ" in output
+    warned = f"teacher trained with {elsewhere} thread(s) and this one trains with {torch.get_num_threads()}"
+    assert warned in output and f"run with OMP_NUM_THREADS={elsewhere}" in output
+    assert output.index(warned) < output.index("will run: teacher")  # before the teacher trains
+    retrained = "train 2 run(s) here (kd_s0, fakd_kd-lam1-marginal_s0):"
+    assert retrained in output and "whose weights differ" in output
     stages = json.loads((tmp_path / "elsewhere" / "manifest.json").read_text())["stages"]
     assert {n for n in stages if n.startswith("student:")} == {
         "student:kd_s0",
