@@ -246,16 +246,23 @@ def plan_line(stages: dict[str, str], force: bool = False, taken: list[str] | No
     """The one line every command starts with: what will run, what runs only if what it
     reads comes out changed (a retrained model can be bit for bit the same), what is up to date."""
 
-    def named(state: str) -> list[str]:
-        return [name for name, value in stages.items() if value == state]
+    def named(state: str) -> str:
+        return listed([name for name, value in stages.items() if value == state])
 
-    line = f"will run: {', '.join(named(RUNS)) or 'nothing'}{' (--force)' if force else ''}"
+    line = f"will run: {named(RUNS) or 'nothing'}{' (--force)' if force else ''}"
     if named(FOLLOWS):
-        line += f"; then, if what they read changes: {', '.join(named(FOLLOWS))}"
-    line += f"; up to date: {', '.join(named(UP_TO_DATE)) or 'nothing'}"
+        line += f"; then, if what they read changes: {named(FOLLOWS)}"
+    line += f"; up to date: {named(UP_TO_DATE) or 'nothing'}"
     if taken:
-        line += f"; taken from --merge: {', '.join(taken)}"
+        line += f"; taken from --merge: {listed(taken)}"
     return line
+
+
+def listed(names: list[str], most: int = 12) -> str:
+    """Names joined, a study's hundred runs shortened to their first and last few and a count."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:4])}, ..., {', '.join(names[-2:])} ({len(names)} in all)"
 
 
 def recorded_validation(checkpoint: Checkpoint, recipe: Recipe, split: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fakd_deploy.cli import app
+from fakd_deploy.pipeline import FOLLOWS, RUNS, UP_TO_DATE, plan_line
 from fakd_deploy.runfolder import Manifest, RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -484,3 +485,12 @@ def test_a_students_recorded_validation_is_what_evaluating_it_gives(tiny_run: Pa
         assert recorded_validation(checkpoint, recipe, "train") is None
     teacher = Checkpoint.load(tiny_run / "teacher" / "best.pt")
     assert recorded_validation(teacher, recipe, recipe.data.val_split) is None
+
+
+def test_the_plan_line_shortens_a_study_of_many_runs() -> None:
+    runs = [f"kd_s{seed}" for seed in range(13)]
+    stages = {"teacher": UP_TO_DATE, **dict.fromkeys(runs, RUNS), "study:val-last": FOLLOWS}
+    assert plan_line(stages, taken=runs[:12]) == (
+        "will run: kd_s0, kd_s1, kd_s2, kd_s3, ..., kd_s11, kd_s12 (13 in all); then, if what they "
+        "read changes: study:val-last; up to date: teacher; taken from --merge: " + ", ".join(runs[:12])
+    )
