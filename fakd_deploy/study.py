@@ -484,6 +484,8 @@ def offered_runs(
 
 def same_teacher(taken: dict[str, Offer], digest: str, recipe: Recipe) -> dict[str, Offer]:
     """The offers whose teacher has the weights of the one trained here; the others train."""
+    from fakd_deploy.pipeline import listed
+
     kept, retrained = {}, dict[Path, list[str]]()
     for name, (run, source) in taken.items():
         if recipe.student.variants[run.variant] and run.teacher != digest:
@@ -492,7 +494,7 @@ def same_teacher(taken: dict[str, Offer], digest: str, recipe: Recipe) -> dict[s
             kept[name] = (run, source)
     for source, names in retrained.items():
         log.info(
-            f"train {len(names)} run(s) here ({', '.join(names)}): {source} scored them with a teacher "
+            f"train {len(names)} run(s) here ({listed(names)}): {source} scored them with a teacher "
             "whose weights differ from this study's (other code, torch build or thread count)"
         )
     return kept
