@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, get_args
 
 from fakd_deploy.data.preprocess import Normalise
-from fakd_deploy.errors import ArtifactError, BadInput
-from fakd_deploy.inputs import load_yaml
+from fakd_deploy.errors import ArtifactError, BadInput, RecipeError
+from fakd_deploy.inputs import MAX_BATCH, MAX_SIDE, class_names_problem, load_yaml
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD, InputMode, Recipe, load_recipe, parse_recipe
 from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import file_sha256
@@ -114,7 +114,23 @@ class Artifact:
             raise BadInput(
                 f"{self.path} carries no recipe: pass --recipe to say which data and preprocessing to use"
             )
-        return parse_recipe(self.raw_recipe, overrides)
+        try:
+            return parse_recipe(self.raw_recipe, overrides)
+        except RecipeError as error:
+            if overrides and _parses(self.raw_recipe):
+                raise  # an override is at fault, and the message names its key
+            raise RecipeError(
+                f"{self.path}: its stored recipe cannot be used here ({error}); "
+                "pass --recipe to say which data and preprocessing to use"
+            ) from None
+
+
+def _parses(raw: dict[str, Any]) -> bool:
+    try:
+        parse_recipe(raw)
+    except RecipeError:
+        return False
+    return True
 
 
 def _open_checkpoint(path: Path) -> Artifact:
@@ -192,6 +208,8 @@ def check_graph(path: Path, model: Any, metadata: dict[str, Any] | None = None) 
             f"{path} has {len(inputs)} inputs; a segmentation model here takes one image batch"
         )
     check_input(path, inputs[0], input_mode(path, metadata or {}))
+    if not model.graph.output:
+        raise ArtifactError(f"{path} has no outputs; a segmentation model here gives logits or labels")
 
 
 def check_input(path: Path, value: Any, mode: str) -> None:
@@ -212,6 +230,13 @@ def check_input(path: Path, value: Any, mode: str) -> None:
         raise ArtifactError(
             f"{path}: input '{value.name}' {problem}, but metadata 'input' is {mode!r}, "
             f"which means {expected} images"
+        )
+    sides = dims[1:3] if uint8 else dims[2:]
+    if dims[0] is not None and not 1 <= dims[0] <= MAX_BATCH:
+        raise ArtifactError(f"{path}: input '{value.name}' has batch {dims[0]}; 1 to {MAX_BATCH} run here")
+    if any(side is not None and not 1 <= side <= MAX_SIDE for side in sides):
+        raise ArtifactError(
+            f"{path}: input '{value.name}' is {sides[0]} x {sides[1]} pixels; 1 to {MAX_SIDE} a side run here"
         )
 
 
@@ -312,8 +337,14 @@ class ModelInfo:
                 f"got {num_classes!r}"
             )
         names = meta.get("class_names")
-        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ArtifactError(f"{path}: metadata 'class_names' must be a list of names, got {names!r}")
+        problem = None if names is None else class_names_problem(names)
+        if problem:
+            raise ArtifactError(f"{path}: metadata 'class_names' {problem}")
+        if names is not None and num_classes is not None and len(names) != num_classes:
+            raise ArtifactError(
+                f"{path}: metadata 'class_names' names {len(names)} classes "
+                f"and 'num_classes' is {num_classes}"
+            )
         mode = input_mode(path, meta)
         declared = meta.get("input_size")
         if declared is not None and (mode != "float" or input_size is None):

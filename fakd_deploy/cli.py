@@ -22,7 +22,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from fakd_deploy import __version__
-from fakd_deploy.errors import BadInput, FakdError, Interrupted, printable
+from fakd_deploy.errors import BadInput, FakdError, Interrupted, StageFailed, out_of_memory, printable
 from fakd_deploy.progress import console, setup_logging
 from fakd_deploy.signals import Stopped, interrupt_on_signals
 
@@ -148,6 +148,12 @@ def reported() -> Iterator[None]:
     except KeyboardInterrupt as error:
         say(f"interrupted: {error}" if isinstance(error, Stopped) else "interrupted", "yellow")
         raise typer.Exit(Interrupted.exit_code) from None
+    except (MemoryError, RuntimeError) as error:
+        message = out_of_memory(error)
+        if DEBUG["on"] or message is None:
+            raise
+        say(f"error: {printable(message)}", "red")
+        raise typer.Exit(StageFailed.exit_code) from None
 
 
 def version_callback(value: bool) -> None:
@@ -418,7 +424,7 @@ def export(
         from fakd_deploy.deploy.export import export_checkpoint, export_summary
         from fakd_deploy.utils import save_json
 
-        check_json_target(json_out)
+        check_json_target(json_out, checkpoint)
         options = {
             "height": height,
             "width": width,

@@ -21,7 +21,7 @@ from fakd_deploy.errors import BadInput
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.figures import confusion_figure, has_matplotlib, normalised, png_bytes
 from fakd_deploy.recipe import EvalConfig
-from fakd_deploy.utils import atomic_write, save_json
+from fakd_deploy.utils import atomic_write, not_an_input, save_json
 
 
 def check_classes(artifact: Artifact, data: ValBatches, dataset: str) -> None:
@@ -33,9 +33,12 @@ def check_classes(artifact: Artifact, data: ValBatches, dataset: str) -> None:
         )
 
 
-def check_json_target(path: Path | None) -> None:
+def check_json_target(path: Path | None, model: Path) -> None:
+    """A `--json` file name that is not a folder and not the model it reports on."""
     if path is not None and (str(path) in ("", ".") or path.is_dir()):
         raise BadInput(f"--json '{path}' is a folder; give a file name, e.g. --json eval.json")
+    if path is not None:
+        not_an_input(path, [model], "--json")
 
 
 def evaluate_file(
@@ -55,7 +58,7 @@ def evaluate_file(
     and the confusion matrix included) is written there, and the row-normalised confusion
     matrix as a heat map with class names beside it (`<name>.confusion.png`).
     """
-    check_json_target(json_out)
+    check_json_target(json_out, model)
     artifact = Artifact.open(model)
     cfg = resolve_recipe(artifact, recipe, overrides)
     data = ValBatches(cfg.data, split, max_images=max_images)

@@ -121,3 +121,20 @@ def error_summary(error: BaseException) -> str:
     """The error's type and first line: enough for a table cell or a warning."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+# How the runtimes say an allocation failed: torch (CPU and CUDA), ONNX Runtime, numpy.
+OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "failed to allocate memory")
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """One line for an allocation that failed, or None for any other error. A batch, an image
+    or a model too large for this machine is no bug: the remedy is a smaller one."""
+    first = (str(error).splitlines() or [""])[0]
+    if isinstance(error, MemoryError) or any(words in first.lower() for words in OUT_OF_MEMORY):
+        shown = first if len(first) <= 200 else first[:197] + "..."
+        return (
+            f"out of memory ({shown or type(error).__name__}): lower data.val_batch_size / "
+            "data.batch_size, the image size (data.val_resize, data.crop) or --threads"
+        )
+    return None

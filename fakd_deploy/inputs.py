@@ -26,6 +26,36 @@ MAX_LIST_BYTES = 64_000_000  # a split list (`image label` per line); ADE20K's i
 MAX_CLASSES = 1024  # classes of a model or dataset: ADE20K has 150, COCO-Stuff 171
 MAX_CHANNELS = 2048  # the width of a model's head: 2048^2 x 9 weights per 3x3 conv
 # PIL's own bound (about 9459 x 9459): decoding more could take gigabytes.
+MAX_NAME_CHARS = 100  # one class name; it is printed in tables and drawn beside figures
+
+
+def class_names_problem(names: object) -> str | None:
+    """Why a list of class names cannot be shown and told apart, or None when it can.
+
+    The names reach terminals, HTML pages and figures: a control character would be an
+    escape sequence there, and two equal names would make two classes one in a table."""
+    if not isinstance(names, list) or not names:
+        return "is not a list of class names"
+    if len(names) > MAX_CLASSES:
+        return f"lists {len(names)} classes; the limit is {MAX_CLASSES}"
+    for index, name in enumerate(names):
+        if not (isinstance(name, str) and 1 <= len(name) <= MAX_NAME_CHARS and name.isprintable()):
+            shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
+            return f"has {shown} at {index}: a class name is text of 1-{MAX_NAME_CHARS} printable characters"
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return f"names {name!r} twice"
+        seen.add(name)
+    return None
+
+
+# Settings far beyond any real deployment: a larger value is a typo that would exhaust memory
+# or start a thread per unit before anything could say so.
+MAX_SIDE = 8192  # pixels, of a crop, resize, window or exported input
+MAX_BATCH = 1024
+MAX_THREADS = 512
+MAX_SCALE = 4.0  # a test-time scale
 MAX_IMAGE_PIXELS = 89_478_485
 
 

@@ -476,7 +476,14 @@ class RunResult:
         return cls(s.run.root, ran=s.ran, skipped=s.skipped, written=s.written, checkpoints=checkpoints)
 
 
-REDOABLE = ("teacher", "student", "evaluate", "export", "build", "bench")
+def stage_names(recipe: Recipe) -> list[str]:
+    """The stages of `run` for this recipe, by the names `--redo` takes."""
+    from fakd_deploy.deploy.backends import resolve_backend
+
+    teacher = ["teacher"] if recipe.teacher and not recipe.teacher.checkpoint else []
+    students = [student_stage(variant, seed) for variant, seed in every_student(recipe)]
+    builds = list(dict.fromkeys(f"build:{resolve_backend(b).name}" for b in recipe.deploy.backends))
+    return [*teacher, *students, "evaluate", "export", *builds, "bench"]
 
 
 def run_recipe(
@@ -488,9 +495,10 @@ def run_recipe(
     `build:<backend>` or `student:<variant>_s<seed>`); the stages after them follow only
     if their inputs changed.
     """
-    unknown = [name for name in redo if name.split(":", 1)[0] not in REDOABLE]
+    names = stage_names(recipe)
+    unknown = [asked for asked in redo if not any(n == asked or n.startswith(f"{asked}:") for n in names)]
     if unknown:
-        raise BadInput(f"--redo {', '.join(unknown)}: a stage is one of {', '.join(REDOABLE)}")
+        raise BadInput(f"--redo {', '.join(unknown)}: not a stage of this run, which has {listed(names)}")
     with session(recipe, out, force, redo=redo) as s:
         announce(s, run_stages(s))  # every rank: the answers are agreed
         teacher = train_teacher(s) if recipe.teacher else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -27,8 +27,21 @@ from pydantic import (
 )
 
 from fakd_deploy.errors import RecipeError
-from fakd_deploy.inputs import MAX_YAML_BYTES, load_yaml, read_text
+from fakd_deploy.inputs import (
+    MAX_BATCH,
+    MAX_SCALE,
+    MAX_SIDE,
+    MAX_THREADS,
+    MAX_YAML_BYTES,
+    load_yaml,
+    read_text,
+)
 from fakd_deploy.suggest import did_you_mean
+
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Threads = Annotated[int, Field(ge=1, le=MAX_THREADS)]
+Scale = Annotated[float, Field(gt=0, le=MAX_SCALE)]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +92,11 @@ def check_name(name: str, what: str) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # an infinite scale, timing or normalisation is never meant: it hangs or overflows later
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+S = TypeVar("S", bound=Section)
 
 
 class DataConfig(Section):
@@ -91,17 +108,17 @@ class DataConfig(Section):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str | None = None
-    crop: tuple[PositiveInt, PositiveInt] | None = (64, 64)
+    crop: tuple[Side, Side] | None = (64, 64)
     scale: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
     hflip: bool = True
     jitter: NonNegativeFloat = 0.2
-    val_resize: tuple[PositiveInt, PositiveInt] | None = None
+    val_resize: tuple[Side, Side] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     pixel_scale: PositiveFloat = 255.0
     ignore_index: int = Field(default=255, ge=0, le=255)
-    batch_size: PositiveInt = 8
-    val_batch_size: PositiveInt = 8
+    batch_size: Batch = 8
+    val_batch_size: Batch = 8
     workers: NonNegativeInt | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
@@ -191,6 +208,17 @@ class ImportConfig(Section):
     allow_missing: bool = False
     allow_unexpected: bool = False
 
+    @field_validator("rename")
+    @classmethod
+    def _patterns(cls, rename: dict[str, str]) -> dict[str, str]:
+        for pattern, replacement in rename.items():
+            try:
+                re.compile(pattern).sub(replacement, "")
+            except re.error as error:
+                message = f"{pattern!r} -> {replacement!r} is not a regular expression: {error}"
+                raise ValueError(message) from None
+        return rename
+
 
 class TeacherConfig(Section):
     """A teacher trained here (`model` + `train`), or adopted: `checkpoint` or `weights`.
@@ -245,9 +273,9 @@ class EvalConfig(Section):
 
     mode: Literal["whole", "slide"] = "whole"
     flip: bool = False
-    scales: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1)
-    window: tuple[PositiveInt, PositiveInt] | None = None
-    stride: tuple[PositiveInt, PositiveInt] | None = None
+    scales: list[Scale] = Field(default_factory=lambda: [1.0], min_length=1)
+    window: tuple[Side, Side] | None = None
+    stride: tuple[Side, Side] | None = None
 
     @model_validator(mode="after")
     def _window_for_slide(self) -> EvalConfig:
@@ -272,9 +300,9 @@ class ExportConfig(Section):
     exports the label type (`int32` or `uint8`)."""
 
     variant: str | None = None
-    height: PositiveInt | None = None
-    width: PositiveInt | None = None
-    batch: PositiveInt = 1
+    height: Side | None = None
+    width: Side | None = None
+    batch: Batch = 1
     dynamic: bool = False
     opset: int = Field(default=18, ge=13, le=23)
     argmax: bool = False
@@ -306,10 +334,10 @@ class BenchConfig(Section):
     more than `max_spread` percent between rounds is flagged), `pick` writes
     deploy/choice.json, `compare` draws that many validation images per backend."""
 
-    threads: PositiveInt | None = None
-    batch: PositiveInt = 1
+    threads: Threads | None = None
+    batch: Batch = 1
     iters: PositiveInt | None = None
-    seconds: PositiveFloat = 3.0
+    seconds: NonNegativeFloat = 3.0  # 0: only the minimum number of calls (measure.MIN_ITERS)
     warmup_s: NonNegativeFloat = 1.0
     tolerance: NonNegativeFloat = 1.0
     max_images: PositiveInt | None = None
@@ -467,6 +495,16 @@ def _format(error: ValidationError, prefix: str = "") -> str:
             got = got if len(got) <= 80 else got[:77] + "..."
             lines.append(f"recipe key '{key}': {message} (got {got}){hint}")
     return "; ".join(lines)
+
+
+def updated(section: S, prefix: str, values: dict[str, Any]) -> S:
+    """The section with a command's options in place of its values (None: not given), checked
+    as the recipe is, so that `--seconds inf` is refused like `--set bench.seconds=.inf`."""
+    given = {key: value for key, value in values.items() if value is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as error:
+        raise RecipeError(_format(error, prefix)) from None
 
 
 def parse_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

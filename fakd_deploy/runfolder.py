@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,8 +41,11 @@ from fakd_deploy.utils import (
     text_sha256,
 )
 
+log = logging.getLogger(__name__)
+
 MANIFEST_VERSION = 2
 MAX_MANIFEST_BYTES = 64_000_000
+ENTRY_MAPPINGS = ("outputs", "metrics", "inputs", "attempt")  # what a stage records as mappings
 MAX_LOCK_BYTES = 16_000_000
 # The suffixes of a redone stage's folders: the new outputs grow in `<folder>.next` while the
 # previous ones stay in place; when complete they swap, and the previous go to `.previous`.
@@ -154,6 +158,8 @@ def prepare_root(root: Path, marks: tuple[str, ...] = RUN_MARKS) -> None:
     An existing folder that holds files but none of `marks` is someone else's (a dataset, a
     home folder): it is refused, so that nothing of it is overwritten or removed.
     """
+    if root.is_symlink() and not root.exists():
+        raise BadInput(f"--out {root} is a link to {os.readlink(root)}, which does not exist")
     if root.exists() and not root.is_dir():
         raise BadInput(f"--out {root} is a file; a run folder must be a directory")
     if root.is_dir():
@@ -500,4 +506,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
         data = {"version": MANIFEST_VERSION, "stages": {}}  # older layouts: every stage is checked again
     if not all(isinstance(entry, dict) for entry in data["stages"].values()):
         raise BadInput(f"{path} has a stage that is not a mapping; rerun with --force to start over")
+    for name, entry in list(data["stages"].items()):
+        wrong = [key for key in ENTRY_MAPPINGS if key in entry and not isinstance(entry[key], dict)]
+        outputs = entry.get("outputs", {})
+        if not wrong and not all(isinstance(sha, str) for sha in outputs.values()):
+            wrong = ["outputs"]
+        if wrong:
+            log.warning(f"{path}: stage {name}'s '{wrong[0]}' is not what this version writes; it runs again")
+            del data["stages"][name]
     return data

@@ -85,6 +85,13 @@ def no_links(path: str | Path) -> Path:
     return path
 
 
+def not_an_input(output: Path, inputs: Iterator[Path] | list[Path], option: str) -> None:
+    """Refuse an output that is one of the command's inputs, through any name or link."""
+    for source in inputs:
+        if os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source):
+            raise BadInput(f"{option} {output} is the input {source}: choose another file to write")
+
+
 def make_folders(folder: Path) -> None:
     """`mkdir -p`, refusing links inside a guarded root."""
     no_links(folder)
@@ -121,6 +128,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     try:
         make_folders(path.parent)
         no_links(path)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise BadInput(f"{path} exists and is not a regular file: nothing is written over it")
         tmp = temporary_path(path.parent, f".{path.name}.", TMP_SUFFIX)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode()))
         write(tmp)

@@ -238,3 +238,84 @@ def test_unusable_tensors_are_named(model: Segmenter) -> None:
         assert first_unusable(damaged) == f"'{variance}' holds {'a ' if value == -0.5 else ''}{kind}" + (
             " values" if kind == "infinite" else ""
         )
+
+
+def crafted(saved: Path, **fields: object) -> Path:
+    """`saved` with some stored fields replaced, as a hand-made file would hold them."""
+    raw = torch.load(saved, weights_only=True)
+    path = saved.with_name("crafted.pt")
+    torch.save({**raw, **fields}, path)
+    return path
+
+
+ARCH = {"name": "fcn", "num_classes": 4, "encoder": "resnet10t"}
+
+
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"variant": "x/" + "../" * 12 + "tmp/PWNED"}, "'variant'"),
+        ({"variant": ".."}, "'variant'"),
+        ({"variant": ["kd"]}, "'variant'"),
+        ({"role": "/tmp/PWNED"}, "'role'"),
+        ({"role": None}, "'role'"),
+        ({"seed": "0/../../PWNED"}, "'seed'"),
+        ({"seed": -1}, "'seed'"),
+        ({"class_names": 5}, "'class_names'"),
+        ({"class_names": ["a", 1]}, "'class_names'"),
+        ({"class_names": ["a", "b\x1b[2J"]}, "'class_names' has 'b\\x1b[2J' at 1"),
+        ({"class_names": ["a", "a"]}, "'class_names' names 'a' twice"),
+        ({"model": {0: torch.zeros(1)}}, "'model'"),
+        ({"model": {"w": "x"}}, "'model'"),
+        ({"arch": {**ARCH, "encoder": ["x"]}}, "encoder must be text"),
+        ({"arch": {**ARCH, "output_stride": "8"}}, "output_stride must be a whole number"),
+        ({"recipe": "name: x"}, "'recipe'"),
+        ({"step": "7"}, "'step'"),
+    ],
+)
+def test_a_stored_field_of_the_wrong_type_or_form_is_refused_by_name(
+    saved: Path, fields: dict, key: str
+) -> None:
+    """Names end up in output file names and the rest in later steps: checked where read."""
+    with pytest.raises(CheckpointError, match=rf"crafted\.pt: .*{re.escape(key)}"):
+        Checkpoint.load(crafted(saved, **fields))
+
+
+def test_the_names_runs_and_studies_give_still_load(saved: Path) -> None:
+    for fields in (
+        {"variant": "fakd_kd-lam0.1-marginal", "seed": 2**32 - 1},
+        {"role": "teacher", "variant": None, "seed": None},
+    ):
+        loaded = Checkpoint.load(crafted(saved, **fields))
+        assert (loaded.variant, loaded.seed) == (fields["variant"], fields["seed"])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("nan", "holds NaN"),
+        ("inf", "holds infinite values"),
+        ("int64", r"is torch\.int64 where the model has torch\.float32"),
+        ("complex", r"is torch\.complex64 where the model has torch\.float32"),
+    ],
+)
+def test_weights_that_would_load_into_nonsense_are_refused_naming_the_tensor(
+    saved: Path, damage: str, message: str
+) -> None:
+    """Before, NaN weights or integer ones (cast silently) built a model that predicted nonsense."""
+    state = torch.load(saved, weights_only=True)["model"]
+    name = next(key for key, tensor in state.items() if tensor.is_floating_point())
+    tensor = state[name].clone()
+    if damage in ("nan", "inf"):
+        tensor.view(-1)[0] = float(damage)
+    else:
+        tensor = tensor.to(torch.int64 if damage == "int64" else torch.complex64)
+    path = crafted(saved, model={**state, name: tensor})
+    with pytest.raises(CheckpointError, match=rf"crafted\.pt: weight '{re.escape(name)}' {message}"):
+        load_model(path)
+
+
+def test_half_precision_weights_still_load(saved: Path, model: Segmenter) -> None:
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    restored = load_model(crafted(saved, model=half))
+    assert restored.state_dict()[next(iter(half))].dtype == torch.float32

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from fakd_deploy.cli import app
@@ -112,7 +118,8 @@ def test_redo_bench_redoes_the_bench_alone_and_lists_what_it_wrote(tiny_run: Pat
     assert output.count("skip ") == len(before) - 1 and "; redo: bench" in output
     assert f"ran 1 stage(s), skipped {len(before) - 1} up to date" in output
     assert f"wrote 6 files in {tiny_run}:" in output and "  report.html" in output.splitlines()
-    refused(["run", TINY, "--out", tiny_run, "--redo", "bnech"], "--redo bnech: a stage is one of")
+    for asked in ("bnech", "student:../x", "student:", "build:nope", "student:kd_s9"):
+        refused(["run", TINY, "--out", tiny_run, "--redo", asked], f"--redo {asked}: not a stage of this run")
 
 
 @pytest.mark.slow
@@ -257,7 +264,7 @@ def test_study_on_a_dataset_with_a_test_split(tmp_path: Path) -> None:
     assert "skip study:test-last" in again and "skip student:" in again  # resumable like run
     plan = [line for line in output.splitlines() if line.startswith("will run: ")]
     assert plan[0].startswith("will run: teacher, baseline_s0, kd_s0, fakd_kd-lam0.1-marginal_s0,")
-    assert plan[0].endswith("study:val-best, study:val-last, study:test-last; up to date: nothing")
+    assert plan[0].endswith("study:val-last, study:test-last (22 in all); up to date: nothing")
     replan = [line for line in again.splitlines() if line.startswith("will run: ")]
     assert replan[0].startswith("will run: nothing; up to date: teacher, baseline_s0,")
     assert "  study/scores.json" in output.splitlines() and "wrote 5 files in" in again  # the reports
@@ -494,3 +501,76 @@ def test_the_plan_line_shortens_a_study_of_many_runs() -> None:
         "will run: kd_s0, kd_s1, kd_s2, kd_s3, ..., kd_s11, kd_s12 (13 in all); then, if what they "
         "read changes: study:val-last; up to date: teacher; taken from --merge: " + ", ".join(runs[:12])
     )
+
+
+def test_an_output_that_is_an_input_or_not_a_file_is_refused(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    """`--json` or `--out` naming the model itself (by any name or link), or a device or FIFO,
+    would destroy it: refused before anything is written."""
+    model = tmp_path / "model.pt"
+    shutil.copy(artifacts["checkpoint"], model)
+    (tmp_path / "link.json").symlink_to(model)
+    os.mkfifo(tmp_path / "fifo.json")
+    original = model.read_bytes()
+    refused(["evaluate", model, "--max-images", 1, "--json", model], f"--json {model} is the input {model}")
+    refused(["evaluate", model, "--max-images", 1, "--json", tmp_path / "link.json"], f"is the input {model}")
+    refused(["export", model, "--out", model], f"--out {model} is the input {model}")
+    refused(["export", model, "--out", tmp_path / "m.onnx", "--json", model], f"--json {model} is the input")
+    refused(
+        ["evaluate", model, "--max-images", 1, "--json", tmp_path / "fifo.json"],
+        f"{tmp_path / 'fifo.json'} exists and is not a regular file",
+    )
+    assert model.read_bytes() == original and stat.S_ISFIFO(os.stat(tmp_path / "fifo.json").st_mode)
+
+
+def test_runaway_options_are_refused_before_anything_runs(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    refused(["predict", artifacts["onnx"], image, "--threads", 100000], "--threads 100000: give 1 to 512")
+    refused(["evaluate", artifacts["checkpoint"], "--threads", 513], "--threads 513: give 1 to 512")
+    bench = ["bench", artifacts["onnx"], "--rounds", 1, "--max-images", 1, "--out", tmp_path / "b"]
+    refused([*bench, "--seconds", "inf"], "recipe key 'bench.seconds': Input should be a finite number")
+    refused([*bench, "--warmup", "inf"], "recipe key 'bench.warmup_s': Input should be a finite number")
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_writes_its_report_only_into_a_new_empty_or_report_folder(
+    tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    bench = ["bench", artifacts["onnx"], "--rounds", 1, "--seconds", 0.01, "--warmup", 0, "--max-images", 1]
+    refused([*bench, "--out", mine], f"--out {mine} already holds files", "no report.json")
+    assert (mine / "report.md").read_text() == "my notes"
+    invoke(*bench, "--out", tmp_path / "report")
+    invoke(*bench, "--out", tmp_path / "report")  # its own report, written again
+    assert (tmp_path / "report" / "report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "allocate, shown",
+    [
+        (lambda: torch.empty(10**13), "DefaultCPUAllocator: can't allocate memory"),
+        (lambda: np.empty(10**14), "Unable to allocate 728. TiB"),
+    ],
+)
+def test_an_allocation_that_fails_is_one_line_with_the_remedy(
+    monkeypatch: pytest.MonkeyPatch, allocate: Any, shown: str
+) -> None:
+    """Too large for this machine is no bug: exit 1 and what to lower, not a traceback."""
+    monkeypatch.setattr("fakd_deploy.commands.evaluate_file", lambda *args, **kwargs: allocate())
+    result = runner.invoke(app, ["evaluate", "model.pt"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "error: out of memory (" in result.output and shown in result.output
+    assert "lower data.val_batch_size" in result.output
+
+
+def test_any_other_runtime_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("shape mismatch in a bug")
+
+    monkeypatch.setattr("fakd_deploy.commands.evaluate_file", bug)
+    result = runner.invoke(app, ["evaluate", "model.pt"])
+    assert isinstance(result.exception, RuntimeError) and "out of memory" not in result.output

@@ -146,6 +146,27 @@ def test_folder_image_without_mask_names_it(tmp_path: Path) -> None:
         build_dataset("folder", tmp_path, "train")
 
 
+def test_a_folder_dataset_that_pairs_by_accident_is_refused(tmp_path: Path) -> None:
+    """Two files of one stem, loose images beside split folders, an empty split: named."""
+    make_folder(tmp_path / "twins")
+    write_image(tmp_path / "twins/images/x1.png")
+    with pytest.raises(DatasetError, match=r"x1\.jpg and x1\.png are two images named x1: keep one"):
+        build_dataset("folder", tmp_path / "twins", "train")
+    make_folder(tmp_path / "masks")
+    write_label(tmp_path / "masks/masks/x1.bmp", [0, 1, 2, 0])
+    with pytest.raises(DatasetError, match=r"x1\.bmp and x1\.png are two masks named x1"):
+        build_dataset("folder", tmp_path / "masks", "train")
+    make_folder(tmp_path / "stray")
+    (tmp_path / "stray/images/old").mkdir()
+    with pytest.raises(DatasetError, match=r"holds images \(x1\.jpg, \.\.\.\) and folders \(old\)"):
+        build_dataset("folder", tmp_path / "stray", "train")
+    make_folder(tmp_path / "empty", "train")
+    (tmp_path / "empty/images/val").mkdir()
+    (tmp_path / "empty/masks/val").mkdir()
+    with pytest.raises(DatasetError, match=rf"{tmp_path / 'empty/images/val'} holds no images"):
+        build_dataset("folder", tmp_path / "empty", "val")
+
+
 def test_data_check_reports_the_real_error_of_a_split(tmp_path: Path) -> None:
     """A missing mask is the error, not 'no split found'."""
     make_folder(tmp_path)
@@ -333,6 +354,13 @@ def test_a_special_file_in_a_dataset_is_named_not_read(tmp_path: Path) -> None:
         ),
         ("".join(f"- c{i}\n" for i in range(2000)), "limit is 1024"),
         ("[a, b]\n[c]\n", "not valid YAML"),
+        ('["a", "b\\u001b[31m"]\n', r"has 'b\\x1b\[31m' at 1: a class name is text of 1-100 printable"),
+        ("[sky, null, car]\n", "has None at 1: a class name is text"),
+        ("[sky, {x: 1}]\n", "has {'x': 1} at 1"),
+        ("[sky, 3]\n", "has 3 at 1"),
+        ("[sky, '']\n", "has '' at 1"),
+        ("[sky, road, sky]\n", "names 'sky' twice"),
+        ("[]\n", "is not a list of class names"),
     ],
 )
 def test_a_class_list_is_read_within_bounds(tmp_path: Path, text: str, message: str) -> None:

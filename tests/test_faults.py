@@ -160,6 +160,27 @@ def test_the_manifest_checks_the_files_of_a_copied_folder(tmp_path: Path) -> Non
     assert not Manifest(copy).is_done("build:ort-cpu-int8", "key")  # the original's files do not count
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("outputs", [1]), ("outputs", "abc"), ("outputs", {"deploy/m.onnx": 5}), ("metrics", 5), ("inputs", [])],
+)
+def test_a_hand_edited_stage_entry_runs_again(
+    tmp_path: Path, key: str, value: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry whose mappings are not mappings is no record of a finished stage."""
+    run = RunFolder(tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    manifest = Manifest(run)
+    manifest.finish("build:ort-cpu-int8", "key", {}, 1.0, {"miou": 1.0})
+    manifest.finish("teacher", "key", {}, 1.0, {"miou": 2.0})
+    data = json.loads(run.manifest.read_text())
+    data["stages"]["build:ort-cpu-int8"][key] = value
+    run.manifest.write_text(json.dumps(data))
+    again = Manifest(run)
+    assert again.entry("build:ort-cpu-int8") == {} and again.is_done("teacher", "key")
+    assert f"stage build:ort-cpu-int8's '{key}' is not what this version writes; it runs again" in caplog.text
+
+
 @pytest.mark.parametrize("text", ["{broken", "[1, 2]", '{"stages": 3}'])
 def test_a_broken_manifest_is_named_and_force_starts_over(
     tmp_path: Path, tiny_recipe: Path, text: str
@@ -480,6 +501,22 @@ def test_build_of_an_onnx_model_without_a_recipe(tmp_path: Path) -> None:
     refused(cli("build", onnx, "--backend", "ort-cpu-int8"), 2, "carries no recipe", "--recipe")
 
 
+def test_a_bad_stored_recipe_names_the_model(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    """The stored recipe is the model's, not a file the user wrote: the message names the model."""
+    from fakd_deploy.deploy.onnx_meta import load_onnx, write_metadata
+
+    model = load_onnx(artifacts["onnx"])
+    write_metadata(model, {"recipe": "name: x\nseed: -1\n"})
+    path = tmp_path / "stored.onnx"
+    path.write_bytes(model.SerializeToString())
+    refused(cli("evaluate", path), 2, "stored.onnx: its stored recipe cannot be used here", "--recipe")
+    good = tmp_path / "good.onnx"
+    good.write_bytes(artifacts["onnx"].read_bytes())
+    result = cli("evaluate", good, "--set", "seed=-1")  # an override at fault: its key alone
+    refused(result, 2, "recipe key 'seed'")
+    assert "stored recipe" not in result.output
+
+
 def test_debug_shows_tracebacks_and_messages_are_not_markup(tmp_path: Path) -> None:
     missing = tmp_path / "m[gpu].onnx"
     result = cli("evaluate", missing)
@@ -548,6 +585,12 @@ def test_an_out_folder_that_is_not_a_run_folder_is_refused_and_left_alone(
     assert (folder / ".tmp" / "work.txt").read_text() == "mine"
     assert (folder / ".draft.tmp").read_text() == "mine too"
     assert sorted(p.name for p in folder.iterdir()) == [".draft.tmp", ".tmp", "images"]
+
+
+def test_an_out_that_is_a_dangling_link_is_named(tmp_path: Path, tiny_recipe: Path) -> None:
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    refused(cli("run", tiny_recipe, "--out", tmp_path / "out"), 2, f"is a link to {tmp_path / 'gone'}")
+    assert not (tmp_path / "gone").exists()
 
 
 def test_a_hand_edited_lock_cannot_make_the_next_holder_delete_anything_else(tmp_path: Path) -> None:
@@ -1116,6 +1159,7 @@ def test_sigterm_during_bench_exits_130_and_keeps_the_report(
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").write_text("the previous report")
+    (report / "report.json").write_text("{}")
     command = [
         sys.executable,
         str(Path(__file__).resolve().parents[1] / "cli.py"),
@@ -1132,7 +1176,7 @@ def test_sigterm_during_bench_exits_130_and_keeps_the_report(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
-    assert sorted(p.name for p in report.iterdir()) == ["report.md"]
+    assert sorted(p.name for p in report.iterdir()) == [".lock", "report.json", "report.md"]
     assert (report / "report.md").read_text() == "the previous report"
 
 
@@ -1174,13 +1218,14 @@ def test_bench_on_data_it_cannot_read_is_exit_2_and_keeps_the_report(
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").write_text("the previous report")
+    (report / "report.json").write_text("{}")
     result = cli(
         "bench", artifacts["onnx"], "--out", report, "--backends", "ort-cpu-fp32",
         "--set", "data.name=folder", "--set", "data.options={}", "--set", f"data.root={tmp_path / 'data'}",
         "--seconds", "0.1",
     )  # fmt: skip
     refused(result, 2, "b.png")
-    assert sorted(p.name for p in report.iterdir()) == ["report.md"]
+    assert sorted(p.name for p in report.iterdir()) == [".lock", "report.json", "report.md"]
     assert (report / "report.md").read_text() == "the previous report"
 
 
@@ -1250,7 +1295,21 @@ def test_a_stored_recipe_and_metadata_are_bounded(tmp_path: Path, artifacts: dic
         refused(cli("evaluate", path), 2, "m.onnx", message)
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"just text"'])
+TENSOR = {"name": "images", "dtype": "DataType.FLOAT", "shape": [1, 3, 32, 32]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[1, 2]",
+        '"just text"',
+        json.dumps({"precision": "fp16", "inputs": [{"dtype": "FLOAT", "shape": [1, 3, 32, 32]}]}),
+        json.dumps({"precision": "fp16", "inputs": [{**TENSOR, "shape": ["a"]}]}),
+        json.dumps({"precision": "fp16", "inputs": [{**TENSOR, "shape": 5}]}),
+        json.dumps({"precision": "fp16", "inputs": [TENSOR], "outputs": {"name": "logits"}}),
+    ],
+)
 def test_an_engine_sidecar_that_is_not_a_json_object_is_one_line(tmp_path: Path, text: str) -> None:
     from fakd_deploy.deploy.trt import sidecar_path
 
@@ -1328,11 +1387,25 @@ def _hostile_onnx(tmp_path: Path, source: Path, case: str) -> Path:
         del dims[2:]
     elif case == "two inputs":
         model.graph.input.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    elif case in ("batch 0", "batch 100000", "0 x 0 pixels", "200000 pixels high"):
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        edits = {
+            "batch 0": {0: 0},
+            "batch 100000": {0: 100_000},
+            "0 x 0 pixels": {2: 0, 3: 0},
+            "200000 pixels high": {2: 200_000},
+        }[case]
+        for index, size in edits.items():
+            dims[index].dim_value = size
+    elif case == "no outputs":
+        del model.graph.output[:]
     else:
         key, value = {
             "mean of two": ("mean", "[0.5, 0.5]"),
             "huge class count": ("num_classes", "400000000"),
             "unknown input mode": ("input", '"bgr"'),
+            "escape in a class name": ("class_names", json.dumps(["a", "b\x1b[2J", "c", "d", "e", "f"])),
+            "class names of another count": ("class_names", json.dumps(["a", "b", "c"])),
         }[case]
         entries = {p.key: p for p in model.metadata_props}
         if key in entries:
@@ -1352,9 +1425,16 @@ def _hostile_onnx(tmp_path: Path, source: Path, case: str) -> Path:
         ("external data outside", "outside the model's folder"),
         ("rank 2 input", "has rank 2"),
         ("two inputs", "has 2 inputs"),
+        ("batch 0", "input 'images' has batch 0; 1 to 1024 run here"),
+        ("batch 100000", "input 'images' has batch 100000"),
+        ("0 x 0 pixels", "input 'images' is 0 x 0 pixels; 1 to 8192 a side run here"),
+        ("200000 pixels high", "input 'images' is 200000 x 32 pixels"),
+        ("no outputs", "has no outputs"),
         ("mean of two", "'mean'"),
         ("huge class count", "400000000"),
         ("unknown input mode", "metadata 'input'"),
+        ("escape in a class name", "metadata 'class_names' has 'b\\x1b[2J' at 1"),
+        ("class names of another count", "metadata 'class_names' names 3 classes and 'num_classes' is 6"),
     ],
 )
 def test_a_foreign_onnx_model_is_refused_in_one_line_before_any_runtime(

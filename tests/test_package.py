@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 import types
@@ -310,8 +312,135 @@ def test_bundle_infer_imports_nothing_of_fakd_deploy(bundles: dict[str, Path]) -
     modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     top = {m.split(".")[0] for m in modules}
-    allowed = {"__future__", "argparse", "json", "sys", "collections", "pathlib", "typing"}
+    allowed = {"__future__", "argparse", "json", "os", "re", "stat", "sys", "warnings", "collections"}
+    allowed |= {"pathlib", "typing"}
     assert top <= allowed | {"numpy", "PIL", "onnxruntime", "tensorrt", "cuda"}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds no pixels: enough for a reader to judge the size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def crafted_image(folder: Path, case: str) -> Path:
+    """One image of each kind `predict` reads or refuses (fakd_deploy.data.base.open_image)."""
+    rng = np.random.default_rng(3)
+    colours = rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)
+    path = folder / {"cmyk": "cmyk.jpg", "stack": "stack.tif", "noise": "noise.jpg"}.get(case, f"{case}.png")
+    if case == "sixteen_bit":
+        Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(path)
+    elif case == "cmyk":
+        Image.fromarray(colours, "CMYK").save(path)
+    elif case in ("transparent", "opaque_rgba"):
+        colours[..., 3] = 255
+        colours[5, 7, 3] = 254 if case == "transparent" else 255
+        Image.fromarray(colours, "RGBA").save(path)
+    elif case == "palette_transparency":
+        image = Image.fromarray(colours[..., 0] % 4, "L").convert("P")
+        image.save(path, transparency=2)
+    elif case == "grey":
+        Image.fromarray(colours[..., 0], "L").save(path)
+    elif case == "truncated":
+        Image.fromarray(colours[..., :3]).save(path)
+        path.write_bytes(path.read_bytes()[:-600])
+    elif case == "noise":
+        path.write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    elif case == "bomb":
+        path.write_bytes(png_header(20000, 20000))
+    elif case == "warned":  # PIL only warns between 89.5 and 179 million pixels
+        path.write_bytes(png_header(10000, 10000))
+    elif case == "stack":
+        frames = [Image.fromarray(colours[..., :3]), Image.fromarray(colours[..., 1:])]
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+    elif case == "fifo":
+        os.mkfifo(path)
+    return path
+
+
+REFUSED = ["sixteen_bit", "cmyk", "transparent", "palette_transparency", "truncated", "noise", "bomb"]
+REFUSED += ["warned", "stack", "fifo"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", [*REFUSED, "grey", "opaque_rgba"])
+def test_bundle_infer_reads_and_refuses_images_as_predict_does(
+    bundles: dict[str, Path], case: str, tmp_path: Path
+) -> None:
+    """infer.py cannot import fakd_deploy, so it carries a copy of predict's image rules; both
+    must give the same answer for each crafted image: masks, or one line naming the image
+    with exit 2 (before: masks of a 16-bit, CMYK or transparent image, a traceback for a
+    truncated file or a bomb, a hang on a FIFO)."""
+    (tmp_path / "images").mkdir()
+    image = crafted_image(tmp_path / "images", case)
+    bundle = bundles["float"]
+    result = subprocess.run(
+        [sys.executable, "-I", "infer.py", str(image), "--out", str(tmp_path / "infer")],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if case in REFUSED:
+        with pytest.raises(BadInput) as refused:
+            predict(bundle / "tiny.onnx", [image], tmp_path / "predict")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"error: {refused.value}\n" and str(image) in result.stderr
+        assert not list((tmp_path / "infer").glob("*")) and not list((tmp_path / "predict").glob("*"))
+    else:
+        assert result.returncode == 0, result.stderr
+        predict(bundle / "tiny.onnx", [image], tmp_path / "predict")
+        ours = np.asarray(Image.open(tmp_path / "infer" / f"{case}.labels.png"))
+        (theirs,) = (tmp_path / "predict").glob(f"{case}.tiny.*.labels.png")
+        np.testing.assert_array_equal(ours, np.asarray(Image.open(theirs)))
+
+
+def test_bundle_infer_reads_the_suffixes_and_limit_of_fakd_deploy(bundles: dict[str, Path]) -> None:
+    from fakd_deploy.data.base import ALPHA, COLOUR
+    from fakd_deploy.data.datasets import IMAGE_SUFFIXES
+    from fakd_deploy.inputs import MAX_IMAGE_PIXELS
+
+    infer = load_infer(bundles["float"])
+    assert infer.IMAGE_SUFFIXES == IMAGE_SUFFIXES and infer.MAX_IMAGE_PIXELS == MAX_IMAGE_PIXELS
+    assert infer.COLOUR == COLOUR and infer.ALPHA == ALPHA
+
+
+def test_bundle_infer_never_overwrites_its_inputs(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """`--out` the images' folder, holding an image named street.labels.png: refused before
+    anything is written (before: infer.py wrote street.png's mask over it), as predict refuses;
+    two images of one stem, a folder without images and an --out that is a file: one line, exit 2."""
+    images = sample_images(tmp_path / "images")
+    victim = tmp_path / "images" / "wide.labels.png"
+    victim.write_bytes(images[0].read_bytes())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "images").iterdir()}
+
+    def infer(*args: Path | str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-I", "infer.py", *map(str, args)]
+        return subprocess.run(command, cwd=bundles["float"], capture_output=True, text=True, check=False)
+
+    result = infer(tmp_path / "images", "--out", tmp_path / "images")
+    assert result.returncode == 2 and result.stderr == (
+        f"error: writing {victim} would overwrite the input {victim}; choose another --out\n"
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "images").iterdir()} == before
+    (tmp_path / "images" / "wide.jpg").write_bytes(images[0].read_bytes())
+    result = infer(tmp_path / "images", "--out", tmp_path / "masks")
+    assert result.returncode == 2 and "wide.jpg and " in result.stderr
+    assert "wide.png would both write wide.labels.png" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = infer(tmp_path / "empty", "--out", tmp_path / "masks")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'empty'} holds no image")
+    result = infer(images[1], "--out", images[0])
+    assert result.returncode == 2
+    assert result.stderr == f"error: --out {images[0]} is a file; masks go into a folder\n"
+    assert not (tmp_path / "masks").exists()
 
 
 class FakeEngine:
@@ -493,11 +622,104 @@ def test_package_writes_only_its_own_folder(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="holds the run folder"):
         package(run, tmp_path)
     first = Path(package(run, tmp_path / "b")["out"])
-    (first / "stale.txt").write_text("from an earlier bundle")
+    (first / "labels.txt").unlink()  # one of its own files gone: nothing of the user's is lost
     again = Path(package(run, tmp_path / "b")["out"])  # an earlier bundle is replaced whole
-    assert again == first and not (again / "stale.txt").exists()
+    assert again == first and (again / "labels.txt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "link", "mine", "run"]
     assert (Path(package(run)["out"])) == run / "bundle"
+
+
+def planted(bundle: Path, case: str) -> str:
+    """Put into a bundle what a user could have there; the entry `package` must name."""
+    if case == "masks":  # the README's `python infer.py street.png --out masks`
+        (street, _) = sample_images(bundle.parent / "images")
+        result = subprocess.run(
+            [sys.executable, "-I", "infer.py", str(street), "--out", "masks"],
+            cwd=bundle,
+            capture_output=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return "masks"
+    if case == "engine":  # what nvinfer writes beside its config on the first start
+        (bundle / "deepstream" / "tiny.deepstream.onnx_b1_gpu0_fp32.engine").write_bytes(b"plan")
+        return "deepstream/tiny.deepstream.onnx_b1_gpu0_fp32.engine"
+    if case == "edited":
+        with (bundle / "triton/tiny/config.pbtxt").open("a") as config:
+            config.write("# tuned by hand\n")
+        return "triton/tiny/config.pbtxt"
+    if case == "link":
+        (bundle / "labels.txt").unlink()
+        (bundle / "labels.txt").symlink_to(bundle.parent / "mine.txt")
+        return "labels.txt"
+    (bundle / "notes").mkdir()  # even an empty folder is the user's
+    return "notes"
+
+
+def contents(folder: Path) -> list[tuple[str, bool | bytes]]:
+    return sorted((str(p.relative_to(folder)), p.is_dir() or p.read_bytes()) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["masks", "engine", "edited", "link", "folder"])
+def test_package_never_replaces_a_bundle_holding_what_it_did_not_write(tmp_path: Path, case: str) -> None:
+    """Replacing an earlier bundle deletes it whole, so it must hold nothing but the unchanged
+    files its bundle.json lists (before: masks infer.py wrote into it, the engine nvinfer built
+    and hand edits were deleted with it). Refused in one line naming the first such entry."""
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    (tmp_path / "mine.txt").write_text("keep me")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    entry = planted(bundle, case)
+    before = contents(bundle)
+    why = "which changed since the bundle wrote it" if case == "edited" else "which the bundle did not write"
+    with pytest.raises(BadInput, match=re.escape(f"--out {bundle} holds {entry}, {why}: move it")):
+        package(run, tmp_path / "b")
+    assert contents(bundle) == before
+    assert not list(tmp_path.glob(".b.*"))  # no staging folder or set-aside bundle left
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ["{}", "not json", '{"files": {"precious.txt": 1}}', "[]"],
+)
+def test_package_never_replaces_a_folder_whose_bundle_json_it_did_not_write(
+    tmp_path: Path, manifest: str
+) -> None:
+    """Any file called bundle.json used to make a folder replaceable: `echo {} > bundle.json`
+    and everything beside it was deleted. Now only the fields `package` writes count."""
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "bundle.json").write_text(manifest)
+    (mine / "precious.txt").write_text("keep me")
+    with pytest.raises(BadInput, match=re.escape(f"--out {mine} is not a bundle: its bundle.json is not")):
+        package(run, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["bundle.json", "photos", "precious.txt"]
+    assert (mine / "precious.txt").read_text() == "keep me"
+
+
+def test_a_file_put_into_the_bundle_while_it_is_rebuilt_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old bundle is checked again after it is moved aside, before it is deleted: a file
+    written into it during the build (nvinfer starting on it) is kept and named."""
+    import fakd_deploy.deploy.package as packaging
+
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    check = packaging.check_deepstream
+
+    def while_building(*args: Any) -> dict[str, float]:
+        (bundle / "late.txt").write_text("written during the build")
+        return check(*args)
+
+    monkeypatch.setattr(packaging, "check_deepstream", while_building)
+    with pytest.raises(BadInput, match=r"holds late\.txt, which the bundle did not write"):
+        package(run, tmp_path / "b")
+    assert (bundle / "late.txt").read_text() == "written during the build"
+    assert (bundle / "bundle.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["b", "run"]
 
 
 def test_package_command_prints_the_bundle_or_one_line_why_not(tmp_path: Path) -> None:

@@ -10,11 +10,13 @@ import pytest
 import torch
 from helpers import TinySegmenter
 from PIL import Image
+from typer.testing import CliRunner
 
 from fakd_deploy.artifacts import ModelInfo
+from fakd_deploy.cli import app
 from fakd_deploy.data.preprocess import Normalise
 from fakd_deploy.deploy.export import export_onnx
-from fakd_deploy.deploy.predict import predict
+from fakd_deploy.deploy.predict import output_names, predict
 from fakd_deploy.deploy.runtime import open_predictor
 from fakd_deploy.errors import ArtifactError, BadInput
 from fakd_deploy.palette import CAMVID, CITYSCAPES, TAB10, palette_for, voc_colours
@@ -207,3 +209,88 @@ def test_unknown_missing_and_broken_model_files(tmp_path: Path) -> None:
     (tmp_path / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4000))
     with pytest.raises(ArtifactError, match=r"random\.onnx"):
         open_predictor(tmp_path / "random.onnx")
+
+
+@pytest.fixture
+def student(tmp_path: Path) -> Path:
+    """A small zoo checkpoint with the synthetic recipe it is evaluated on."""
+    from helpers import synthetic_recipe
+
+    from fakd_deploy.models import Checkpoint, build_model
+    from fakd_deploy.recipe import parse_recipe
+
+    torch.manual_seed(0)
+    model = build_model("fcn", 6, "resnet10t", channels=8)
+    return Checkpoint(
+        model=model.state_dict(),
+        arch=model.config,
+        recipe=parse_recipe(synthetic_recipe()).model_dump(mode="json"),
+        variant="kd",
+        seed=0,
+    ).save(tmp_path / "kd.pt")
+
+
+def resaved(path: Path, **fields: object) -> Path:
+    """The checkpoint at `path` with some stored fields replaced, as a hand-made file holds them."""
+    out = path.with_name("crafted.pt")
+    torch.save({**torch.load(path, weights_only=True), **fields}, out)
+    return out
+
+
+def refused_in_one_line(args: list[object], *names: str) -> None:
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    for name in names:
+        assert name in result.output, (name, result.output)
+
+
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"variant": "x/../../victim/PWNED"}, "'variant'"),
+        ({"variant": None, "role": "x/../../victim/PWNED"}, "'role'"),
+        ({"seed": "0/../../victim/PWNED"}, "'seed'"),
+        ({"class_names": 5}, "'class_names'"),
+    ],
+)
+def test_a_crafted_checkpoint_cannot_steer_predict_or_crash_it(
+    student: Path, tmp_path: Path, fields: dict, key: str
+) -> None:
+    """Its names went into the output file names unchecked: `..` led out of --out."""
+    (image,) = _images(tmp_path / "images", {"rgb": (32, 32)}, ".png")
+    (tmp_path / "victim").mkdir()
+    refused_in_one_line(
+        ["predict", resaved(student, **fields), image, "--out", tmp_path / "out"], "crafted.pt", key
+    )
+    assert list((tmp_path / "victim").iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_output_names_never_lead_out_of_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="outside"):
+        output_names([tmp_path / "a.png"], tmp_path / "out", "x/../../victim")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.m.labels.png").symlink_to(tmp_path / "elsewhere.png")
+    with pytest.raises(BadInput, match="outside"):
+        output_names([tmp_path / "a.png"], tmp_path / "out", "m")
+
+
+@pytest.mark.parametrize("damage", ["nan", "int64"])
+def test_evaluate_and_predict_refuse_weights_that_predict_nonsense(
+    student: Path, tmp_path: Path, damage: str
+) -> None:
+    """As export does: before, both ran and exited 0 with NaN logits or truncated weights."""
+    state = torch.load(student, weights_only=True)["model"]
+    damaged = resaved(
+        student,
+        model={
+            key: (value * float("nan") if damage == "nan" else value.to(torch.int64))
+            if value.is_floating_point()
+            else value
+            for key, value in state.items()
+        },
+    )
+    (image,) = _images(tmp_path / "images", {"rgb": (32, 32)}, ".png")
+    refused_in_one_line(["evaluate", damaged, "--max-images", "2"], "crafted.pt: weight '")
+    refused_in_one_line(["predict", damaged, image, "--out", tmp_path / "out"], "crafted.pt: weight '")
+    assert not (tmp_path / "out").exists()

@@ -58,6 +58,34 @@ def test_out_of_range_is_named() -> None:
         load_recipe(RECIPES / "quickstart.yaml", ["student.train.lr=-1"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.scales=[.inf]", r"'eval\.scales\.0': Input should be a finite number"),
+        ("data.mean=[.nan, 0, 0]", r"'data\.mean\.0': Input should be a finite number"),
+        ("data.jitter=.inf", r"'data\.jitter': Input should be a finite number"),
+        ("bench.seconds=.inf", r"'bench\.seconds': Input should be a finite number"),
+        ("eval.scales=[5]", r"'eval\.scales\.0': Input should be less than or equal to 4"),
+        ("data.val_resize=[100000, 64]", r"'data\.val_resize\.0': .* less than or equal to 8192"),
+        ("deploy.export.height=8193", r"'deploy\.export\.height': .* less than or equal to 8192"),
+        ("data.val_batch_size=1025", r"'data\.val_batch_size': .* less than or equal to 1024"),
+        ("bench.threads=100000", r"'bench\.threads': .* less than or equal to 512"),
+        (
+            'teacher.weights_import.rename={"(": "x"}',
+            r"'teacher\.weights_import\.rename': '\(' -> 'x' is not a regular expression: missing \)",
+        ),
+        (
+            r'teacher.weights_import.rename={"a": "\\9"}',
+            r"'teacher\.weights_import\.rename': 'a' -> .* invalid group reference 9",
+        ),
+    ],
+)
+def test_infinite_and_runaway_settings_are_refused(override: str, message: str) -> None:
+    """Values that would hang, overflow or exhaust memory long after loading."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPES / "quickstart.yaml", [override])
+
+
 MINIMAL = {"name": "x", "data": {}, "student": {}}
 
 

@@ -35,6 +35,25 @@ def test_arrays_and_metadata() -> None:
         Synthetic(num_classes=5)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"size": True}, "data.options.size must be a whole number of pixels or"),
+        ({"size": 32.5}, "data.options.size must be"),
+        ({"size": "32"}, "data.options.size must be"),
+        ({"size": [32, 0]}, "data.options.size must be"),
+        ({"size": [32, 32, 3]}, "data.options.size must be"),
+        ({"size": [10_000, 10_000]}, "at most 89,478,485 pixels"),
+        ({"seed": 1.5}, "data.options.seed must be a whole number from 0, got 1.5"),
+        ({"seed": -1}, "data.options.seed must be a whole number from 0, got -1"),
+        ({"ignore_index": 0}, r"ignore_index 0 is a class id of the synthetic dataset \(0\.\.7\)"),
+    ],
+)
+def test_options_that_are_not_sizes_seeds_or_free_ids_are_named(options: dict, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        Synthetic(**options)
+
+
 def test_same_seed_same_arrays_other_seed_other_arrays() -> None:
     a, b, c = Synthetic(seed=3), Synthetic(seed=3), Synthetic(seed=4)
     for x, y in zip(a[7], b[7], strict=True):

@@ -22,7 +22,7 @@ from fakd_deploy.data.base import (
     require,
     require_split,
 )
-from fakd_deploy.inputs import MAX_CLASSES, MAX_LIST_BYTES, MAX_YAML_BYTES, load_yaml, read_text
+from fakd_deploy.inputs import MAX_LIST_BYTES, MAX_YAML_BYTES, class_names_problem, load_yaml, read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -405,23 +405,37 @@ class Folder(SegmentationDataset):
         root = find_root(root, "folder")
         class_names = read_class_names(root / "classes.yaml")
         images, masks = split_folders(root, split)
-        by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        by_stem = one_per_stem(masks, "mask")
         pairs = []
-        for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            if image.stem not in by_stem:
-                raise DatasetError(f"{image} has no mask: looked for {masks / image.stem}.*")
-            pairs.append((image, by_stem[image.stem]))
+        for stem, image in one_per_stem(images, "image").items():
+            if stem not in by_stem:
+                raise DatasetError(f"{image} has no mask: looked for {masks / stem}.*")
+            pairs.append((image, by_stem[stem]))
+        if not pairs:
+            raise DatasetError(f"{images} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         super().__init__(pairs, class_names, transform, ignore_index)
+
+
+def one_per_stem(folder: Path, what: str) -> dict[str, Path]:
+    """The images of a folder by stem, in name order; two files of one stem (`a.png` and
+    `a.jpg`) would make which one is read an accident of the file system, so it is refused."""
+    found: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.stem in found:
+            raise DatasetError(
+                f"{found[path.stem]} and {path.name} are two {what}s named {path.stem}: keep one"
+            )
+        found[path.stem] = path
+    return found
 
 
 def read_class_names(path: Path) -> list[str]:
     text = read_text(require(path, "class list"), "class list", MAX_YAML_BYTES, DatasetError)
     names = load_yaml(text, str(path), DatasetError)
-    if not isinstance(names, list) or not names:
-        raise DatasetError(f"{path} must be a YAML list of class names")
-    if len(names) > MAX_CLASSES:
-        raise DatasetError(f"{path} lists {len(names)} classes; the limit is {MAX_CLASSES}")
-    return [str(name) for name in names]
+    problem = class_names_problem(names)
+    if problem:
+        raise DatasetError(f"{path} {problem}")
+    return list(names)
 
 
 def read_list(path: Path) -> str:
@@ -432,7 +446,14 @@ def read_list(path: Path) -> str:
 def split_folders(root: Path, split: str) -> tuple[Path, Path]:
     """`images/{split}` and `masks/{split}` when the data is split into subfolders, else the two roots."""
     images, masks = require(root / "images", "image folder"), require(root / "masks", "mask folder")
-    if any(p.is_dir() for p in images.iterdir()):
+    folders = sorted(p.name for p in images.iterdir() if p.is_dir())
+    loose = sorted(p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if folders and loose:
+        raise DatasetError(
+            f"{images} holds images ({loose[0]}, ...) and folders ({', '.join(folders[:3])}): "
+            "give each split its own folder (images/train, images/val), or use no folders"
+        )
+    if folders:
         return (
             require_split(images / split, "image split folder"),
             require(masks / split, "mask split folder"),

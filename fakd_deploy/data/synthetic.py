@@ -151,13 +151,25 @@ class Synthetic:
             raise MissingSplit(
                 f"the synthetic dataset has no split '{split}': its splits are {', '.join(SPLITS)}"
             )
-        self.ignore_index = ignore_index
-        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        if min(self.size) < 1 or self.size[0] * self.size[1] > MAX_IMAGE_PIXELS:
+        if 0 <= ignore_index < num_classes:
             raise DatasetError(
-                f"data.options.size {list(self.size)} must be positive and at most "
-                f"{MAX_IMAGE_PIXELS:,} pixels, the limit for an image"
+                f"ignore_index {ignore_index} is a class id of the synthetic dataset "
+                f"(0..{num_classes - 1}); pick a value outside that range"
             )
+        self.ignore_index = ignore_index
+        sides = [size, size] if not isinstance(size, list | tuple) else list(size)
+        if (
+            len(sides) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in sides)
+            or sides[0] * sides[1] > MAX_IMAGE_PIXELS
+        ):
+            raise DatasetError(
+                f"data.options.size must be a whole number of pixels or [height, width], at most "
+                f"{MAX_IMAGE_PIXELS:,} pixels in all (the limit for an image); got {size!r}"
+            )
+        self.size = (sides[0], sides[1])
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise DatasetError(f"data.options.seed must be a whole number from 0, got {seed!r}")
         self.split, self.seed, self.transform = split, seed, transform
         self.count = split_size(num_images, split)
         self.styles = class_styles(num_classes, seed)

@@ -37,7 +37,7 @@ from fakd_deploy.deploy.rows import PYTORCH, BenchReport, BenchRow, Fault, Laten
 from fakd_deploy.errors import BackendUnavailable, BadInput, DatasetError, FakdError, error_summary
 from fakd_deploy.evaluate import evaluate, predict_labels
 from fakd_deploy.predictor import FixedSizePredictor, Predictor
-from fakd_deploy.recipe import BenchConfig, Recipe
+from fakd_deploy.recipe import BenchConfig, Recipe, updated
 from fakd_deploy.runfolder import RunFolder
 from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import file_sha256
@@ -518,6 +518,9 @@ def _run_folder(path: Path) -> RunFolder:
     return run
 
 
+REPORT_MARKS = ("report.json",)
+
+
 def bench(
     paths: list[Path],
     backends: list[str] | None = None,
@@ -566,7 +569,7 @@ def bench(
                     for path in paths
                 ]
         title, root = ", ".join(str(p) for p in paths), None
-    cfg = cfg_recipe.bench.model_copy(update={k: v for k, v in options.items() if v is not None})
+    cfg = updated(cfg_recipe.bench, "bench", options)
     if not found:
         raise BadInput(
             "nothing to benchmark: no checkpoint or model file in "
@@ -577,5 +580,7 @@ def bench(
         with RunLock(RunFolder(root)):
             result = bench_run(cfg_recipe, found, cfg, title)
             return result, write_report(result, root)
-    result = bench_run(cfg_recipe, found, cfg, title)
-    return result, write_report(result, out or Path("bench"))
+    out = out or Path("bench")
+    with RunLock(RunFolder(out), marks=REPORT_MARKS):  # a report folder, or a new or empty one
+        result = bench_run(cfg_recipe, found, cfg, title)
+        return result, write_report(result, out)

@@ -8,24 +8,110 @@ file, the class colours in palette.json. Per image it writes <stem>.labels.png (
 ids, palette-coloured) and <stem>.overlay.png (the image blended with the colours), both
 at the image's size. Resizing is bilinear with half-pixel centres and no antialiasing, as
 in training; logits are resized back bilinearly, labels by nearest neighbour.
+
+Images are read under the rules of `fakd-deploy predict`, so both give the same answer
+for every file: regular files only, at most MAX_IMAGE_PIXELS pixels, fully decoded, one
+frame, 8-bit colours (grey, palette, bilevel and YCbCr are converted; an alpha band must be
+opaque; 16-bit, float and CMYK images are refused). An image it cannot use, or an output
+that would replace an input, is one line on stderr naming the file, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import stat
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 HERE = Path(__file__).resolve().parent
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# The rules of fakd_deploy.data (datasets.IMAGE_SUFFIXES, inputs.MAX_IMAGE_PIXELS and
+# base.COLOUR/ALPHA), copied because the bundle runs without fakd-deploy;
+# tests/test_package.py checks that both refuse the same images with the same words.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 89_478_485
+COLOUR = {"RGB", "L", "1", "P", "YCbCr"}
+ALPHA = {"RGBA": "RGB", "LA": "L", "PA": "P", "RGBa": "RGB", "La": "L"}
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class Refused(Exception):
+    """An input infer.py cannot use: main prints it as one line and exits 2, as fakd-deploy does."""
+
+
+def open_regular(path: Path) -> Any:
+    """`path` opened for reading if it is a regular file, checked on the open descriptor so
+    a FIFO cannot hang the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Refused(f"image not found: {path}") from None
+    except OSError as failure:
+        raise Refused(f"cannot read image {path}: {failure.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise Refused(f"image {path} is {kind}; only regular files are read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def decode(path: Path) -> Image.Image:
+    """The image fully decoded, its size checked before decoding (a bomb is refused, not
+    just warned about)."""
+    with open_regular(path) as handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{image.width}x{image.height}")
+                image.load()
+                frames = getattr(image, "n_frames", 1)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise Refused(
+                f"{path} has more than {MAX_IMAGE_PIXELS:,} pixels, the limit for an image "
+                "(decoding it could take gigabytes)"
+            ) from None
+        except UnidentifiedImageError:  # its message names the file descriptor, not the file
+            raise Refused(f"{path} is not a readable image: no image format Pillow reads") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise Refused(f"{path} is not a readable image (truncated or corrupt?): {error}") from None
+    if frames > 1:
+        raise Refused(f"{path} holds {frames} frames (an animation or a stack); give one image per file")
+    return image
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image as 8-bit RGB; a transparent pixel, or a 16-bit, float or CMYK image, has no
+    one conversion to it, so it is refused rather than guessed."""
+    image = decode(path)
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # a palette's transparent entry: colours with alpha
+    if image.mode in ALPHA:
+        if (np.asarray(image.getchannel("A")) != 255).any():
+            raise Refused(
+                f"{path} is a {image.mode} image with transparent pixels, whose colour or class is "
+                "undefined; save it without an alpha channel"
+            )
+        image = image.convert(ALPHA[image.mode])
+    if image.mode not in COLOUR:
+        raise Refused(
+            f"{path} is a {image.mode} image; images are read as 8-bit RGB: convert it "
+            "(16-bit, float and CMYK images have no single conversion)"
+        )
+    return image.convert("RGB")
 
 
 def _taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,11 +231,36 @@ def predict(run: Runner, image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 
 def images_of(source: Path) -> list[Path]:
+    """The image given, or the image files (regular files only) of a folder, sorted by name."""
     if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        inside = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not inside:
+            raise Refused(f"{source} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return inside
+    if not source.exists():
+        raise Refused(f"image not found: {source}")
     if not source.is_file():
-        sys.exit(f"{source}: no such image or folder")
+        raise Refused(f"{source} is not a regular file; give image files or folders of them")
     return [source]
+
+
+def outputs_of(images: list[Path], out: Path, inputs: list[Path]) -> list[tuple[Path, Path]]:
+    """(labels, overlay) per image, refused up front when two images share a stem or an
+    output would replace an input (the same file, through any name or link)."""
+    stems: dict[str, Path] = {}
+    for image in images:
+        if image.stem in stems:
+            raise Refused(
+                f"{stems[image.stem]} and {image} would both write {image.stem}.labels.png; "
+                "rename one or run them into different --out folders"
+            )
+        stems[image.stem] = image
+    pairs = [(out / f"{stem}.labels.png", out / f"{stem}.overlay.png") for stem in stems]
+    for output in (path for pair in pairs for path in pair if path.exists()):
+        for source in inputs:
+            if os.path.samefile(output, source):
+                raise Refused(f"writing {output} would overwrite the input {source}; choose another --out")
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,27 +269,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("masks"), help="folder for the masks")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
     args = parser.parse_args(argv)
+    try:
+        masks(args.source, args.out, args.alpha)
+    except Refused as error:
+        print(f"error: {CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(error))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def masks(source: Path, out: Path, alpha: float) -> None:
+    """Per image of `source`, its labels and overlay PNGs in `out`."""
+    if out.exists() and not out.is_dir():
+        raise Refused(f"--out {out} is a file; masks go into a folder")
     spec = json.loads((HERE / "preprocess.json").read_text())
     colours = np.zeros((256, 3), dtype=np.uint8)
     for entry in json.loads((HERE / "palette.json").read_text())["classes"]:
         colours[entry["id"]] = entry["rgb"]
     model = HERE / spec["model"]
+    images = images_of(source)
+    outputs = outputs_of(images, out, [*images, model])
     run = engine_runner(model) if spec["runtime"] == "tensorrt" else onnx_runner(model, spec["providers"])
-    images = images_of(args.source)
-    if len({p.stem for p in images}) != len(images):
-        sys.exit("two images share a file name stem; their masks would overwrite each other")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in images:
-        image = Image.open(path).convert("RGB")
+    out.mkdir(parents=True, exist_ok=True)
+    for path, (labels_path, overlay_path) in zip(images, outputs, strict=True):
+        image = open_image(path)
         labels = predict(run, np.asarray(image), spec)
         mask = Image.fromarray(labels.astype(np.uint8))
         mask.putpalette(colours.flatten().tolist())
-        mask.save(args.out / f"{path.stem}.labels.png")
-        Image.blend(image, Image.fromarray(colours[labels]), args.alpha).save(
-            args.out / f"{path.stem}.overlay.png"
-        )
-        print(args.out / f"{path.stem}.labels.png")
-    return 0
+        mask.save(labels_path)
+        Image.blend(image, Image.fromarray(colours[labels]), alpha).save(overlay_path)
+        print(labels_path)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from fakd_deploy.deploy.onnx_meta import write_metadata
 from fakd_deploy.errors import ArtifactError, ExportError, error_summary
 from fakd_deploy.models import Checkpoint
 from fakd_deploy.recipe import Recipe
-from fakd_deploy.utils import atomic_write, file_sha256, text_sha256
+from fakd_deploy.utils import atomic_write, file_sha256, not_an_input, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -453,12 +453,14 @@ def export_checkpoint(
     """
     from fakd_deploy.artifacts import recipe_of
 
+    out = out or checkpoint.with_suffix(".onnx")
+    not_an_input(out, [checkpoint], "--out")
     recipe = recipe_of(checkpoint, overrides or [])
     cfg = recipe.deploy.export
     height, width = export_size(recipe)
     return export_onnx(
         checkpoint,
-        out or checkpoint.with_suffix(".onnx"),
+        out,
         height,
         width,
         **cfg.model_dump(exclude={"variant", "height", "width"}),

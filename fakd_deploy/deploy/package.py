@@ -10,20 +10,24 @@ standalone script: numpy, Pillow, onnxruntime or TensorRT), a Triton model folde
 
 The folder is built beside `--out` and renamed into place, so a failure leaves no half
 bundle; nothing is written outside it. An existing `--out` is replaced only when it is
-an earlier bundle (it has `bundle.json`) or empty. Inside the run folder the bundle goes
-to `RUN/bundle`, under the run folder's lock.
+empty or holds nothing but an earlier bundle: its `bundle.json` as `package` writes it and
+the files that lists, unchanged. Anything else in it (masks `infer.py` wrote there, the
+engine nvinfer built beside its config, an edited file) is the user's, so the folder is
+refused by name instead. Inside the run folder the bundle goes to `RUN/bundle`, under the
+run folder's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -38,10 +42,12 @@ from fakd_deploy.deploy.inputs import graph_input, pixels_from_normalised
 from fakd_deploy.deploy.onnx_meta import load_onnx
 from fakd_deploy.deploy.predict import colours_of
 from fakd_deploy.errors import ArtifactError, BadInput, StageFailed
+from fakd_deploy.inputs import MAX_YAML_BYTES, read_text
 from fakd_deploy.runfolder import RunFolder, RunLock
 from fakd_deploy.utils import file_sha256
 
 MARKER = "bundle.json"
+MANIFEST_KEYS = ("fakd_deploy_version", "run", "model", "backend", "chosen_by", "checks", "files")
 CHOICE = "choice.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 CHECK_IMAGES = 4
@@ -145,16 +151,68 @@ def check_out(out: Path, run: RunFolder) -> bool:
     if out.exists():
         if not out.is_dir():
             raise BadInput(f"--out {out} is a file; a bundle is a folder")
-        if any(out.iterdir()) and not (out / MARKER).is_file():
-            raise BadInput(
-                f"--out {out} exists and is not a bundle (no {MARKER}); give a new or empty folder"
-            )
+        check_replaceable(out, out)
     return inside
+
+
+def written_files(marker: Path, out: Path) -> dict[str, str]:
+    """The files (relative path: sha256) that a `bundle.json` as `package` writes lists."""
+    text = read_text(marker, "bundle manifest", MAX_YAML_BYTES)
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(manifest, dict)
+        or not all(key in manifest for key in MANIFEST_KEYS)
+        or not isinstance(files, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+    ):
+        raise BadInput(
+            f"--out {out} is not a bundle: its {MARKER} is not the JSON `package` writes "
+            f"(a mapping with {', '.join(MANIFEST_KEYS)}); give a new or empty folder"
+        )
+    return files
+
+
+def check_replaceable(folder: Path, out: Path) -> None:
+    """Refuse to replace `folder` (named `out` to the user) unless it is empty or holds only
+    the files its bundle.json lists, unchanged, and the folders they are in: replacing it
+    deletes everything in it."""
+    if not any(folder.iterdir()):
+        return
+    marker = folder / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        raise BadInput(f"--out {out} exists and is not a bundle (no {MARKER}); give a new or empty folder")
+    files = written_files(marker, out)
+    parents = {str(p) for path in files for p in PurePosixPath(path).parents} - {"."}
+    entries = []
+    for root, dirs, names in os.walk(folder):
+        base = PurePosixPath(Path(root).relative_to(folder).as_posix())
+        entries += [str(base / name) for name in [*dirs, *names]]
+        dirs[:] = [d for d in dirs if str(base / d) in parents]
+    for entry in sorted(entries):
+        path = folder / entry
+        if entry == MARKER or (entry in parents and path.is_dir() and not path.is_symlink()):
+            continue
+        if entry not in files or path.is_symlink() or not path.is_file():
+            raise BadInput(
+                f"--out {out} holds {entry}, which the bundle did not write: move it or choose another --out"
+            )
+        if file_sha256(path) != files[entry]:
+            raise BadInput(
+                f"--out {out} holds {entry}, which changed since the bundle wrote it: "
+                "move it or choose another --out"
+            )
 
 
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A new folder beside `out`, renamed to `out` when the block succeeds, removed otherwise."""
+    """A new folder beside `out`, renamed to `out` when the block succeeds, removed otherwise.
+
+    An existing `out` is moved aside and checked again before it is deleted, so a file put
+    into it while the bundle was being built is not lost with it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -163,6 +221,11 @@ def staged(out: Path) -> Iterator[Path]:
         if out.exists():
             old = out.with_name(f"{stage.name}.old")
             out.rename(old)
+            try:
+                check_replaceable(old, out)
+            except BadInput:
+                old.rename(out)
+                raise
         stage.rename(out)
         if old is not None:
             shutil.rmtree(old)

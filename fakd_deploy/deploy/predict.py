@@ -21,6 +21,7 @@ from fakd_deploy.data.datasets import IMAGE_SUFFIXES
 from fakd_deploy.deploy.runtime import backend_for, open_predictor
 from fakd_deploy.errors import BadInput
 from fakd_deploy.palette import beside, legend, palette_for, present_classes
+from fakd_deploy.runfolder import RunFolder
 from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import atomic_write
 
@@ -50,7 +51,10 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 def model_name(artifact: Artifact) -> str:
     """How outputs name a model: a checkpoint by its variant and seed (or role), an exported
-    model or engine by its file name up to the first dot (kd.int8.onnx -> kd)."""
+    model or engine by its file name up to the first dot (kd.int8.onnx -> kd).
+
+    A checkpoint's names are plain names and its seed a whole number (`Checkpoint.load`
+    checks them), so none of them can lead out of `--out`."""
     meta = artifact.metadata
     if artifact.kind == "checkpoint" and meta.get("variant"):
         seed = meta.get("seed")
@@ -63,7 +67,8 @@ def model_name(artifact: Artifact) -> str:
 def output_names(images: list[Path], out_dir: Path, tag: str) -> list[tuple[Path, Path]]:
     """(labels, overlay) paths per image: `<stem>.<tag>.labels.png`, `<stem>.<tag>.overlay.png`.
 
-    Two images with one stem would overwrite each other; that is refused up front.
+    Two images with one stem would overwrite each other; that is refused up front, and so is
+    a name that would lead out of `out_dir`.
     """
     stems: dict[str, Path] = {}
     for image in images:
@@ -73,7 +78,11 @@ def output_names(images: list[Path], out_dir: Path, tag: str) -> list[tuple[Path
                 "rename one or predict them into different --out folders"
             )
         stems[image.stem] = image
-    return [(out_dir / f"{stem}.{tag}.labels.png", out_dir / f"{stem}.{tag}.overlay.png") for stem in stems]
+    folder = RunFolder(out_dir)
+    return [
+        (folder.inside(f"{stem}.{tag}.labels.png"), folder.inside(f"{stem}.{tag}.overlay.png"))
+        for stem in stems
+    ]
 
 
 def check_no_input_is_overwritten(outputs: list[Path], inputs: list[Path]) -> None:

@@ -25,6 +25,7 @@ from fakd_deploy.deploy.backends import (
 )
 from fakd_deploy.deploy.inputs import feed
 from fakd_deploy.errors import BackendUnavailable, BadInput
+from fakd_deploy.inputs import MAX_THREADS
 from fakd_deploy.predictor import FixedSizePredictor, Predictor
 from fakd_deploy.recipe import IMAGENET_MEAN, IMAGENET_STD
 
@@ -216,6 +217,8 @@ def open_predictor(
     The Predictor takes normalised images whatever the model takes (`ModelInfo.input`):
     a `pixels` or `uint8` model gets them as pixels (`deploy.inputs.feed`).
     """
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BadInput(f"--threads {threads}: give 1 to {MAX_THREADS}")
     artifact = model if isinstance(model, Artifact) else Artifact.open(model)
     if artifact.kind == "checkpoint":
         if backend not in (None, "pytorch"):

@@ -301,7 +301,25 @@ def load_sidecar(engine: str | Path) -> dict[str, Any]:
             f"{path}: field 'metadata' must be a mapping of the ONNX model's metadata, "
             f"got {type(sidecar['metadata']).__name__}"
         )
+    for key in ("inputs", "outputs"):
+        if key in sidecar and not _tensor_list(sidecar[key]):
+            raise ArtifactError(
+                f"{path}: field '{key}' must be a list of tensors, each with a text 'name' and "
+                "'dtype' and a 'shape' of whole numbers (-1 for dynamic): rebuild the engine"
+            )
     return sidecar
+
+
+def _tensor_list(value: Any) -> bool:
+    """What `build` records of the engine's input and output tensors (`_tensors`)."""
+    return isinstance(value, list) and all(
+        isinstance(tensor, dict)
+        and isinstance(tensor.get("name"), str)
+        and isinstance(tensor.get("dtype"), str)
+        and isinstance(tensor.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in tensor["shape"])
+        for tensor in value
+    )
 
 
 class TrtPredictor:

@@ -1,14 +1,15 @@
 """Checkpoints: one typed format, saved atomically and loaded without running any code.
 
 Loading uses `torch.load(weights_only=True)`: tensors and plain Python values only, so a
-crafted file cannot execute anything; it is refused with a message naming it. A checkpoint
+crafted file cannot execute anything; it is refused with a message naming it. Its fields
+are checked as it is read, its weights before they become a model. A checkpoint
 is a plain dict on disk (readable with `torch.load` elsewhere) and a `Checkpoint` here.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -17,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from fakd_deploy.errors import BadInput, CheckpointError, WriteFailed
-from fakd_deploy.inputs import MAX_CHANNELS, MAX_CLASSES
+from fakd_deploy.inputs import MAX_CHANNELS, MAX_CLASSES, class_names_problem
 from fakd_deploy.models.segmenter import Segmenter, build_model
-from fakd_deploy.models.weights import read_tensors, unwrap_state
-from fakd_deploy.recipe import Recipe, parse_recipe
+from fakd_deploy.models.weights import first_unusable, read_tensors, unwrap_state
+from fakd_deploy.recipe import SEED_LIMIT, Recipe, check_name, parse_recipe
 from fakd_deploy.utils import atomic_write
 
 FORMAT = "fakd-deploy checkpoint"
@@ -79,8 +80,7 @@ class Checkpoint:
                 "weights trained elsewhere are read by import_state_dict (teacher.weights in a recipe)"
             )
         known = {name: raw[name] for name in cls.__dataclass_fields__ if name in raw}
-        if not isinstance(known["arch"], dict) or not isinstance(known["model"], dict):
-            raise CheckpointError(f"{path}: 'arch' and 'model' must be mappings")
+        check_fields(path, known)
         return cls(**known)
 
     def recipe_config(self) -> Recipe | None:
@@ -99,6 +99,7 @@ class Checkpoint:
             model = build_model(**arch)
         except (TypeError, BadInput) as error:
             raise CheckpointError(f"the arch of {source} is not a zoo model: {error}") from None
+        check_state(self.model, model.state_dict(), source)
         try:
             model.load_state_dict(self.model)
         except RuntimeError as error:
@@ -127,12 +128,92 @@ class ErrorKeeping:
         self.handle.flush()
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each stored field must be, as a test and its description: a crafted file could
+# otherwise crash a later step, or steer an output's name (variant, role, seed) elsewhere.
+FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, Tensor) for k, t in v.items())
+        ),
+        "a mapping of names to tensors",
+    ),
+    "arch": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping of names"),
+    "recipe": (lambda v: v is None or isinstance(v, dict), "a mapping of recipe keys or null"),
+    "class_names": (lambda v: v is None or isinstance(v, list), "a list of names or null"),
+    "role": (lambda v: isinstance(v, str), "a name"),
+    "variant": (lambda v: v is None or isinstance(v, str), "a name or null"),
+    "seed": (
+        lambda v: v is None or (_whole(v) and 0 <= v < SEED_LIMIT),
+        f"a whole number in 0..{SEED_LIMIT - 1} or null",
+    ),
+    "step": (lambda v: _whole(v) and v >= 0, "a whole number"),
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "metrics": (lambda v: isinstance(v, dict), "a mapping"),
+    "training": (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
+}
+
+
+def check_fields(path: Path, fields: dict[str, Any]) -> None:
+    """Each stored field of its type, checked where the file is read; `role` and `variant`,
+    which name output files, plain names by the recipe's rule; the arch's sizes bounded."""
+    for key, value in fields.items():
+        test, expected = FIELDS[key]
+        if not test(value):
+            raise CheckpointError(f"{path}: '{key}' is not {expected}")
+    names = fields.get("class_names")
+    problem = None if names is None else class_names_problem(names)
+    if problem:
+        raise CheckpointError(f"{path}: 'class_names' {problem}")
+    for key in ("role", "variant"):
+        if fields.get(key) is not None:
+            try:
+                check_name(fields[key], f"'{key}'")
+            except ValueError as error:
+                raise CheckpointError(f"{path}: {error}") from None
+    try:
+        check_arch(fields["arch"])
+    except BadInput as error:
+        raise CheckpointError(f"{path}: 'arch' is not a zoo model: {error}") from None
+
+
 def check_arch(arch: dict[str, Any]) -> None:
-    """The sizes a stored `arch` asks for, checked before a model of that size is allocated."""
+    """The types and sizes a stored `arch` asks for, checked before a model is allocated."""
     for key, limit in (("num_classes", MAX_CLASSES), ("channels", MAX_CHANNELS)):
         value = arch.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        if not _whole(value) or not 1 <= value <= limit:
             raise BadInput(f"{key} {value!r} is outside 1..{limit}")
+    for key, test, expected in (
+        ("name", lambda v: isinstance(v, str), "text"),
+        ("encoder", lambda v: isinstance(v, str), "text"),
+        ("output_stride", _whole, "a whole number"),
+        ("aux", lambda v: isinstance(v, bool), "true or false"),
+    ):
+        if key in arch and not test(arch[key]):
+            raise BadInput(f"{key} must be {expected}, not a {type(arch[key]).__name__}")
+
+
+def check_state(state: Mapping[str, Tensor], own: Mapping[str, Tensor], source: str) -> None:
+    """Weights that would load without a word and predict nonsense: a non-finite value (or a
+    negative BatchNorm variance), or a tensor whose values `load_state_dict` would silently
+    cast to another kind (integers into a float parameter)."""
+    problem = first_unusable(state)
+    if problem:
+        raise CheckpointError(
+            f"{source}: weight {problem}; a model with such weights predicts NaN: retrain or re-import it"
+        )
+    for name, tensor in state.items():
+        if name in own and _kind(tensor) != _kind(own[name]):
+            raise CheckpointError(
+                f"{source}: weight '{name}' is {tensor.dtype} where the model has {own[name].dtype}"
+            )
+
+
+def _kind(tensor: Tensor) -> str:
+    return "complex" if tensor.is_complex() else "float" if tensor.is_floating_point() else "integer"
 
 
 def load_model(path: str | Path) -> Segmenter:
