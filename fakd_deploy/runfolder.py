@@ -71,7 +71,7 @@ class RunFolder:
         path = self.root.joinpath(*parts)
         root = self.root.resolve()
         if not path.resolve().is_relative_to(root) or any(Path(part).is_absolute() for part in parts):
-            raise BadInput(f"'{'/'.join(parts)}' would be written outside the run folder {self.root}")
+            raise BadInput(f"'{'/'.join(parts)}' leads outside the folder {self.root}")
         return path
 
     def student(self, variant: str, seed: int) -> Path:

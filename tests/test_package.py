@@ -440,6 +440,10 @@ def test_bundle_infer_never_overwrites_its_inputs(bundles: dict[str, Path], tmp_
     result = infer(images[1], "--out", images[0])
     assert result.returncode == 2
     assert result.stderr == f"error: --out {images[0]} is a file; masks go into a folder\n"
+    for alpha in ("nan", "1.5", "-0.1"):
+        result = infer(images[1], "--out", tmp_path / "masks", "--alpha", alpha)
+        refusal = f"error: --alpha {alpha} is not an opacity from 0 to 1\n"
+        assert (result.returncode, result.stderr) == (2, refusal)
     assert not (tmp_path / "masks").exists()
 
 
@@ -599,7 +603,16 @@ def test_package_without_a_choice_or_with_a_changed_file_says_what_to_do(tmp_pat
     (run / "deploy/choice.json").write_text(
         json.dumps({"file": "../../etc/passwd", "backend": "ort-cpu-fp32"})
     )
-    with pytest.raises(BadInput, match="outside the run folder"):
+    with pytest.raises(BadInput, match=r"choice\.json: '\.\./\.\./etc/passwd' leads outside the folder"):
+        package(run)
+    (run / "deploy/linked.onnx").symlink_to(tmp_path)
+    (run / "deploy/choice.json").write_text(
+        json.dumps({"file": "deploy/linked.onnx", "backend": "ort-cpu-fp32"})
+    )
+    with pytest.raises(BadInput, match=r"choice\.json: 'deploy/linked\.onnx' leads outside the folder"):
+        package(run)
+    (run / "deploy/choice.json").write_text(json.dumps({"file": "deploy/tiny.onnx", "backend": "bogus"}))
+    with pytest.raises(BadInput, match=r"choice\.json: .*bogus"):
         package(run)
     assert not (run / "bundle").exists()
 

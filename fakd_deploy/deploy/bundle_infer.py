@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def masks(source: Path, out: Path, alpha: float) -> None:
     """Per image of `source`, its labels and overlay PNGs in `out`."""
+    if not 0 <= alpha <= 1:
+        raise Refused(f"--alpha {alpha} is not an opacity from 0 to 1")
     if out.exists() and not out.is_dir():
         raise Refused(f"--out {out} is a file; masks go into a folder")
     spec = json.loads((HERE / "preprocess.json").read_text())

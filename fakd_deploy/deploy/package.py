@@ -76,10 +76,13 @@ def read_choice(run: RunFolder) -> Picked:
         raise BadInput(f"{path} cannot be read as JSON: {error}") from None
     if not isinstance(choice, dict) or not isinstance(choice.get("file"), str):
         raise BadInput(f"{path}: expected a mapping with 'file', 'backend' and 'sha256'")
-    model = run.inside(*Path(choice["file"]).parts)
+    try:
+        model = run.inside(*Path(choice["file"]).parts)
+        backend = resolve_backend(str(choice.get("backend")))
+    except BadInput as error:
+        raise BadInput(f"{path}: {error}; pick again with `fakd-deploy bench {run.root} --pick`") from None
     if not model.is_file():
         raise BadInput(f"{path} names {choice['file']}, which is not in {run.root}")
-    backend = resolve_backend(str(choice.get("backend")))
     sha = choice.get("sha256")
     if sha is not None and sha != file_sha256(model):
         raise BadInput(
