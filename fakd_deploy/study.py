@@ -355,8 +355,7 @@ def run_study(
                 s, last, split=recipe.data.test_split, name="study:test-last", out=folder / "test_last.json"
             )
         offers = list(taken.values())
-        threads = teacher_threads(s)
-        runs = recorded_here(s, scored, digest) + [known_threads(run, digest, threads) for run, _ in offers]
+        runs = recorded_here(s, scored, digest) + [run for run, _ in offers]
         for split, rows in scored.items():
             rows += [{**getattr(run, split).model_dump(), **origin(run, source)} for run, source in offers]
         seconds: dict[str, dict[int, float]] = {}
@@ -465,7 +464,7 @@ def offered_runs(
                 else inputs_key is not None and run.teacher_inputs == inputs_key
             ):
                 found[name] = (run, path)
-                if run.teacher_threads is not None and not digest:
+                if run.teacher_threads is not None:
                     threads.add(run.teacher_threads)
             else:
                 ignored += 1
@@ -537,14 +536,6 @@ def teacher_threads(s: Session) -> int | None:
     metrics = s.manifest.entry("teacher").get("metrics")
     threads = metrics.get("threads") if isinstance(metrics, dict) else None
     return threads if isinstance(threads, int) and threads >= 1 else None  # the manifest may be edited
-
-
-def known_threads(run: RecordedRun, digest: str, threads: int | None) -> RecordedRun:
-    """A taken run whose file predates recording thread counts gets the count of this
-    teacher, which has the same weights."""
-    if run.teacher == digest and run.teacher_threads is None and threads is not None:
-        return run.model_copy(update={"teacher_threads": threads})
-    return run
 
 
 def carried(row: Mapping[str, Any]) -> Score:

@@ -85,7 +85,7 @@ def no_links(path: str | Path) -> Path:
     return path
 
 
-def not_an_input(output: Path, inputs: Iterator[Path] | list[Path], option: str) -> None:
+def not_an_input(output: Path, inputs: list[Path], option: str) -> None:
     """Refuse an output that is one of the command's inputs, through any name or link."""
     for source in inputs:
         if os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source):

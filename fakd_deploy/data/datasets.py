@@ -446,8 +446,9 @@ def read_list(path: Path) -> str:
 def split_folders(root: Path, split: str) -> tuple[Path, Path]:
     """`images/{split}` and `masks/{split}` when the data is split into subfolders, else the two roots."""
     images, masks = require(root / "images", "image folder"), require(root / "masks", "mask folder")
-    folders = sorted(p.name for p in images.iterdir() if p.is_dir())
-    loose = sorted(p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    entries = sorted(images.iterdir())
+    folders = [p.name for p in entries if p.is_dir()]
+    loose = [p.name for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if folders and loose:
         raise DatasetError(
             f"{images} holds images ({loose[0]}, ...) and folders ({', '.join(folders[:3])}): "
