@@ -15,12 +15,10 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -38,10 +36,35 @@ from fakd_deploy.inputs import (
 )
 from fakd_deploy.suggest import did_you_mean
 
-Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
-Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
-Threads = Annotated[int, Field(ge=1, le=MAX_THREADS)]
-Scale = Annotated[float, Field(gt=0, le=MAX_SCALE)]
+
+def _not_a_boolean(value: Any) -> Any:
+    """YAML's true and false are the integers 1 and 0 to Python, so `steps: true` would
+    otherwise be one step; a number field refuses them."""
+    if isinstance(value, bool):
+        raise ValueError("a number is needed here, not true or false")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_boolean)
+
+
+def _worker_count(value: Any) -> int | str:
+    """One check with one message, rather than one per member of `int | "auto"`."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"must be 'auto' or a number of loader processes, 0 or more (got {value!r})")
+
+
+Int = Annotated[int, NotBool]
+Float = Annotated[float, NotBool]
+PositiveInt = Annotated[int, NotBool, Field(gt=0)]
+NonNegativeInt = Annotated[int, NotBool, Field(ge=0)]
+PositiveFloat = Annotated[float, NotBool, Field(gt=0)]
+NonNegativeFloat = Annotated[float, NotBool, Field(ge=0)]
+Side = Annotated[int, NotBool, Field(ge=1, le=MAX_SIDE)]
+Batch = Annotated[int, NotBool, Field(ge=1, le=MAX_BATCH)]
+Threads = Annotated[int, NotBool, Field(ge=1, le=MAX_THREADS)]
+Scale = Annotated[float, NotBool, Field(gt=0, le=MAX_SCALE)]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,6 +97,8 @@ InputMode = Literal["float", "pixels", "uint8"]
 NAME_LIMIT = 64
 VARIANT_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.+-]{{0,{NAME_LIMIT - 1}}}$")
 SEED_LIMIT = 2**32  # numpy's global seed is 32 bits
+Seed = Annotated[int, NotBool, Field(ge=0, lt=SEED_LIMIT)]
+Workers = Annotated[int | Literal["auto"], PlainValidator(_worker_count)]
 DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -113,13 +138,13 @@ class DataConfig(Section):
     hflip: bool = True
     jitter: NonNegativeFloat = 0.2
     val_resize: tuple[Side, Side] | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    mean: tuple[Float, Float, Float] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     pixel_scale: PositiveFloat = 255.0
-    ignore_index: int = Field(default=255, ge=0, le=255)
+    ignore_index: Int = Field(default=255, ge=0, le=255)
     batch_size: Batch = 8
     val_batch_size: Batch = 8
-    workers: NonNegativeInt | Literal["auto"] = "auto"
+    workers: Workers = "auto"
 
     @model_validator(mode="after")
     def _ordered_scale(self) -> DataConfig:
@@ -152,7 +177,7 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 0.01
     weight_decay: NonNegativeFloat = 1e-4
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    momentum: Float = Field(default=0.9, ge=0.0, lt=1.0)
     warmup_steps: NonNegativeInt = 0
     poly_power: NonNegativeFloat = 0.9
     grad_accum: PositiveInt = 1
@@ -248,7 +273,7 @@ class StudentConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     variants: dict[str, list[LossTerm]] = Field(default_factory=lambda: {"baseline": list[LossTerm]()})
-    seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("variants")
     @classmethod
@@ -304,7 +329,7 @@ class ExportConfig(Section):
     width: Side | None = None
     batch: Batch = 1
     dynamic: bool = False
-    opset: int = Field(default=18, ge=13, le=23)
+    opset: Int = Field(default=18, ge=13, le=23)
     argmax: bool = False
     input: InputMode = "float"
     labels: Literal["int32", "uint8"] = "int32"
@@ -364,7 +389,7 @@ class StudyConfig(Section):
 
 class Recipe(Section):
     name: str
-    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    seed: Seed = 0
     device: str = "auto"
     data: DataConfig
     teacher: TeacherConfig | None = None

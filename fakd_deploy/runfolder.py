@@ -152,6 +152,14 @@ def has_content(folder: Path) -> bool:
 RUN_MARKS = ("manifest.json", "recipe.yaml")
 
 
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder that `path` lies inside (never `path` itself), if any."""
+    for parent in path.resolve().parents:
+        if all((parent / mark).is_file() for mark in RUN_MARKS):
+            return parent
+    return None
+
+
 def prepare_root(root: Path, marks: tuple[str, ...] = RUN_MARKS) -> None:
     """Create the run folder, or say in one line why it cannot be one.
 

@@ -42,13 +42,13 @@ Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 class Score(BaseModel):
     """One evaluation row; what the study's statistics read of it is checked, the rest kept."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON: true is not a number here
     miou: Percent
     per_class_iou: list[Percent | None]
 
 
 class RecordedRun(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     variant: str
     seed: int
     identity: str
@@ -62,7 +62,7 @@ class RecordedRun(BaseModel):
 
 
 class ScoresFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     format: int
     runs: list[RecordedRun]
 

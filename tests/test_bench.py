@@ -95,7 +95,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fakd_deploy.deploy.build import build
     from fakd_deploy.deploy.export import export_onnx
 
-    root = tmp_path_factory.mktemp("run")
+    root = tmp_path_factory.mktemp("bench") / "run"  # alone in its folder: no near names beside it
+    root.mkdir()
     recipe = parse_recipe(RECIPE)
     (root / "recipe.yaml").write_text(recipe.to_yaml())
     _checkpoint(recipe, "teacher", None, root / "teacher" / "best.pt")
@@ -511,3 +512,21 @@ def test_a_damaged_validation_image_stops_bench_before_timing_and_keeps_the_repo
     assert "the validation data cannot be read" in outcome.output and "1.png" in outcome.output
     assert "previous report is kept" in outcome.output and "Traceback" not in outcome.output
     assert (run / "report.json").read_bytes() == before
+
+
+def test_a_report_inside_a_run_folder_waits_for_that_folders_writer(run: Path, tmp_path: Path) -> None:
+    """`bench ... --out runs/q/cpu-report`: the run folder around the report keeps one writer."""
+    import os
+
+    from fakd_deploy.errors import RunFolderBusy
+    from fakd_deploy.runfolder import RunFolder, RunLock
+
+    around = tmp_path / "q"
+    around.mkdir()
+    (around / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
+    (around / "manifest.json").write_text("{}")
+    files = [run / "deploy" / "baseline.onnx"]
+    with RunLock(RunFolder(around)), pytest.raises(RunFolderBusy, match=f"{around}.*pid {os.getpid()}"):
+        bench(files, out=around / "cpu-report", iters=2, warmup_s=0.0, max_images=4)
+    _, written = bench(files, out=around / "cpu-report", iters=2, warmup_s=0.0, max_images=4)
+    assert written["json"] == around / "cpu-report" / "report.json"

@@ -319,3 +319,33 @@ def test_half_precision_weights_still_load(saved: Path, model: Segmenter) -> Non
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     restored = load_model(crafted(saved, model=half))
     assert restored.state_dict()[next(iter(half))].dtype == torch.float32
+
+
+def deflated(source: Path, target: Path) -> Path:
+    """The same archive with every entry deflated, as a zip tool would repack it."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as packed, zipfile.ZipFile(target, "w") as repacked:
+        for entry in packed.infolist():
+            repacked.writestr(entry.filename, packed.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+    return target
+
+
+def test_a_zip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path, model: Segmenter) -> None:
+    # 80 MB of zeros deflate to about 80 KB: torch would allocate the 80 MB before reading.
+    plain = Checkpoint(model={"pad": torch.zeros(20_000_000)}, arch=model.config).save(tmp_path / "plain.pt")
+    bomb = deflated(plain, tmp_path / "bomb.pt")
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(
+        CheckpointError, match=r"bomb\.pt unpacks to 76 MiB from 0\.1 MiB on disk, more than 4x"
+    ):
+        Checkpoint.load(bomb)
+    assert "pad" in Checkpoint.load(plain).model  # stored, the same tensors load
+
+
+def test_a_checkpoint_repacked_with_compression_still_loads(saved: Path, model: Segmenter) -> None:
+    repacked = deflated(saved, saved.with_name("repacked.pt"))
+    assert repacked.stat().st_size < saved.stat().st_size
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(repacked)(x), model.eval()(x))

@@ -93,6 +93,38 @@ def recipe(**sections: object) -> Recipe:
     return parse_recipe({**MINIMAL, **sections})
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("student.train.steps=true", "student.train.steps"),
+        ("bench.seconds=false", "bench.seconds"),
+        ("data.ignore_index=true", "data.ignore_index"),
+        ("student.seeds=[0, true]", "student.seeds.1"),
+        ("data.mean=[0.5, true, 0.5]", "data.mean.1"),
+        ("data.crop=[true, 64]", "data.crop.0"),
+        ("seed=true", "seed"),
+        ("deploy.export.opset=true", "deploy.export.opset"),
+        ("student.train.momentum=false", "student.train.momentum"),
+        ("student.variants.kd=[{loss: kd, weight: true}]", "student.variants.kd.0.weight"),
+    ],
+)
+def test_true_and_false_are_not_numbers(override: str, key: str) -> None:
+    # To Python they are 1 and 0: `steps: true` would have trained one step.
+    with pytest.raises(
+        RecipeError, match=rf"^recipe key '{re.escape(key)}': a number is needed here, not true or false$"
+    ):
+        load_recipe(RECIPES / "quickstart.yaml", [override])
+
+
+@pytest.mark.parametrize("value", ["-1", "false", "x", "1.5"])
+def test_loader_workers_are_auto_or_a_count_in_one_message(value: str) -> None:
+    with pytest.raises(
+        RecipeError, match=r"^recipe key 'data.workers': must be 'auto' or a number of loader processes"
+    ):
+        load_recipe(RECIPES / "quickstart.yaml", [f"data.workers={value}"])
+    assert load_recipe(RECIPES / "quickstart.yaml", ["data.workers=3"]).data.workers == 3
+
+
 def test_unknown_key_in_yaml_is_named() -> None:
     with pytest.raises(RecipeError, match=r"unknown recipe key 'data\.colour'"):
         recipe(data={"colour": "red"})

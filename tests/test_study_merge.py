@@ -170,6 +170,17 @@ GOOD_RUN = {
         (json.dumps({"format": 1, "runs": [{**GOOD_RUN, "seed": "zero"}]}), "'runs.0.seed'"),
         (json.dumps({"format": 1, "runs": [{**GOOD_RUN, "extra": 1}]}), "'runs.0.extra'"),
         (
+            json.dumps({"format": 1, "runs": [{**GOOD_RUN, "seed": True}]}),
+            "'runs.0.seed': Input should be a valid integer",
+        ),
+        (
+            json.dumps(
+                {"format": 1, "runs": [{**GOOD_RUN, "val_best": {"miou": True, "per_class_iou": [1] * 6}}]}
+            ),
+            "'runs.0.val_best.miou': Input should be a valid number",
+        ),
+        (json.dumps({"format": True, "runs": []}), "'format': Input should be a valid integer"),
+        (
             json.dumps({"format": 1, "runs": [{**GOOD_RUN, "val_last": {"miou": 1, "per_class_iou": [1]}}]}),
             "'runs.0.val_last.per_class_iou' has 1 classes; this study's dataset has 6",
         ),

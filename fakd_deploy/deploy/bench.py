@@ -14,6 +14,7 @@ imports torch unless a checkpoint row is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import importlib.util
@@ -536,7 +537,7 @@ def bench(
     else `./bench`.
     """
     from fakd_deploy.deploy.report import write_report
-    from fakd_deploy.runfolder import RunLock
+    from fakd_deploy.runfolder import RunLock, enclosing_run
 
     if not paths:
         raise BadInput("bench needs a run folder or model files")
@@ -581,6 +582,12 @@ def bench(
             result = bench_run(cfg_recipe, found, cfg, title)
             return result, write_report(result, root)
     out = out or Path("bench")
-    with RunLock(RunFolder(out), marks=REPORT_MARKS):  # a report folder, or a new or empty one
+    with contextlib.ExitStack() as held:
+        around = enclosing_run(out)
+        if around is not None:  # a report inside a run folder: that folder keeps one writer
+            held.enter_context(RunLock(RunFolder(around)))
+        held.enter_context(
+            RunLock(RunFolder(out), marks=REPORT_MARKS)
+        )  # a report folder, or a new or empty one
         result = bench_run(cfg_recipe, found, cfg, title)
         return result, write_report(result, out)

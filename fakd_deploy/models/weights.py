@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,12 @@ from fakd_deploy.utils import no_links
 
 # Keys under which training frameworks commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+# torch stores its archive's entries uncompressed, so a checkpoint unpacks to about its size
+# on disk. A compressed entry may unpack to more, but not without bound: a few megabytes of
+# deflated zeros ("a zip bomb") would otherwise take gigabytes before anything could refuse.
+MAX_UNPACK_RATIO = 4
+UNPACK_SLACK = 64 << 20
 
 
 def read_tensors(path: Path) -> Any:
@@ -45,6 +52,7 @@ def _load(path: Path, handle: IO[bytes]) -> Any:
             from safetensors.torch import load
 
             return load(handle.read())
+        check_unpacked_size(path, handle)
         return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -62,6 +70,27 @@ def _load(path: Path, handle: IO[bytes]) -> Any:
             f"{path} is not a readable checkpoint (truncated or corrupt?): "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from None
+
+
+def check_unpacked_size(path: Path, handle: IO[bytes]) -> None:
+    """Refuse an archive whose entries claim far more bytes than the file holds: torch
+    allocates each entry's claimed size before it unpacks it."""
+    on_disk = os.fstat(handle.fileno()).st_size
+    try:
+        if not zipfile.is_zipfile(handle):
+            return
+        with zipfile.ZipFile(handle) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        return  # torch.load names a corrupt archive
+    finally:
+        handle.seek(0)
+    if unpacked > max(MAX_UNPACK_RATIO * on_disk, on_disk + UNPACK_SLACK):
+        raise CheckpointError(
+            f"{path} unpacks to {unpacked / 2**20:.0f} MiB from {on_disk / 2**20:.1f} MiB on disk, "
+            f"more than {MAX_UNPACK_RATIO}x; refusing to unpack it (torch saves checkpoints "
+            "uncompressed, so this is not one)"
+        )
 
 
 def unwrap_state(state: Any) -> Mapping[str, Any]:
