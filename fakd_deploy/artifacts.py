@@ -210,6 +210,14 @@ def check_graph(path: Path, model: Any, metadata: dict[str, Any] | None = None) 
     check_input(path, inputs[0], input_mode(path, metadata or {}))
     if not model.graph.output:
         raise ArtifactError(f"{path} has no outputs; a segmentation model here gives logits or labels")
+    output = model.graph.output[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
+    declared = (metadata or {}).get("num_classes")
+    if len(dims) == 4 and dims[1] is not None and isinstance(declared, int) and dims[1] != declared:
+        raise ArtifactError(
+            f"{path}: output '{output.name}' gives {dims[1]} class scores and metadata "
+            f"'num_classes' is {declared}; the labels it predicts would name other classes"
+        )
 
 
 def check_input(path: Path, value: Any, mode: str) -> None:

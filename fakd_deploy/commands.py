@@ -21,6 +21,7 @@ from fakd_deploy.errors import BadInput
 from fakd_deploy.evaluate import evaluate
 from fakd_deploy.figures import confusion_figure, has_matplotlib, normalised, png_bytes
 from fakd_deploy.recipe import EvalConfig
+from fakd_deploy.runfolder import held_around
 from fakd_deploy.utils import atomic_write, not_an_input, save_json
 
 
@@ -120,15 +121,16 @@ def build_file(
     or `recipe`, with `--set` overrides; FP32 and FP16 builds need no recipe at all."""
     spec = resolve_backend(backend)
     artifact = Artifact.open(onnx_path)
-    if spec.precision != "int8":
-        if recipe is not None or overrides:
-            raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
-        return build(artifact, spec)
-    cfg = resolve_recipe(artifact, recipe, overrides or [])
-    return build(
-        artifact,
-        spec,
-        calibration_images(cfg.data, cfg.deploy.calib),
-        cfg.deploy.calib_method,
-        quantizer=cfg.deploy.quantizer,
-    )
+    if spec.precision != "int8" and (recipe is not None or overrides):
+        raise BadInput(f"{spec.name} needs no data: --recipe and --set apply to INT8 builds only")
+    with held_around(onnx_path):  # the build is written beside the model
+        if spec.precision != "int8":
+            return build(artifact, spec)
+        cfg = resolve_recipe(artifact, recipe, overrides or [])
+        return build(
+            artifact,
+            spec,
+            calibration_images(cfg.data, cfg.deploy.calib),
+            cfg.deploy.calib_method,
+            quantizer=cfg.deploy.quantizer,
+        )

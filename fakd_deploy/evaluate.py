@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fakd_deploy.data.preprocess import resize_bilinear
-from fakd_deploy.errors import DatasetError
+from fakd_deploy.errors import ArtifactError, DatasetError
 from fakd_deploy.predictor import Predictor
 from fakd_deploy.progress import progress_bar
 from fakd_deploy.recipe import EvalConfig
@@ -40,7 +40,13 @@ class ConfusionMatrix:
                 f"label value {target[outside][0]} is outside [0, {n}) and is not the "
                 f"ignore label {self.ignore_index}"
             )
-        self.mat += np.bincount(n * target + np.clip(pred, 0, n - 1), minlength=n * n).reshape(n, n)
+        wrong = (pred < 0) | (pred >= n)
+        if wrong.any():
+            raise ArtifactError(
+                f"the model predicts class {pred[wrong][0]}, outside the {n} classes of the data "
+                f"(0 to {n - 1}): the model and the dataset do not match"
+            )
+        self.mat += np.bincount(n * target + pred, minlength=n * n).reshape(n, n)
 
     def compute(self) -> dict[str, Any]:
         """IoU_c = TP / (TP + FP + FN); mIoU averages the classes that occur in GT or prediction.

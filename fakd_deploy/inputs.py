@@ -9,6 +9,7 @@ bound is stated here, in one place, and in docs/trust.md.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -94,6 +95,20 @@ def read_text(path: str | Path, what: str, limit: int, error: type[BadInput] = B
         return read_bounded(path, what, limit, error).decode()
     except UnicodeDecodeError as failure:
         raise error(f"{what} {path} is not UTF-8 text ({failure.reason} at byte {failure.start})") from None
+
+
+def parse_json(text: str | bytes, source: str, error: type[BadInput] = BadInput, remedy: str = "") -> Any:
+    """JSON text as plain data, or one line naming `source`; nesting too deep for the
+    parser (a few hundred kilobytes of `[`) is refused like any other malformed file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as failure:
+        reason = f"{failure.msg} at line {failure.lineno}"
+    except RecursionError:
+        reason = "it nests too deeply"
+    except ValueError as failure:  # UnicodeDecodeError included
+        reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    raise error(f"{source} is not valid JSON ({reason}){remedy}")
 
 
 class BoundedLoader(yaml.SafeLoader):

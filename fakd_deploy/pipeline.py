@@ -11,7 +11,6 @@ writes, and runs the stages after training.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +26,10 @@ from fakd_deploy.distill.distiller import Distiller
 from fakd_deploy.distributed import leave_group
 from fakd_deploy.errors import BadInput, FakdError, StageFailed
 from fakd_deploy.evaluate import evaluate
+from fakd_deploy.inputs import parse_json, read_text
 from fakd_deploy.models import Checkpoint, Segmenter, TorchPredictor, build_model, import_state_dict
 from fakd_deploy.recipe import DataConfig, Recipe, TrainConfig, load_recipe
-from fakd_deploy.runfolder import RunFolder
+from fakd_deploy.runfolder import MAX_MANIFEST_BYTES, RunFolder
 from fakd_deploy.session import Attempt, Session, session
 from fakd_deploy.train import Job, fit, resolve_workers, seed_everything
 from fakd_deploy.utils import save_json
@@ -342,7 +342,19 @@ def evaluation_inputs(s: Session, checkpoints: dict[str, Path], split: str | Non
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A file a stage of this run wrote, read like a user's: the folder may have been edited."""
+    return parse_json(read_text(path, "run file", MAX_MANIFEST_BYTES), str(path))
+
+
+def read_report(path: Path) -> BenchReport:
+    """The report the bench stage wrote, or one line naming it when it is not one."""
+    data = read_json(path)
+    try:
+        return BenchReport.from_dict(data)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise BadInput(
+            f"{path} is not a report fakd-deploy writes ({error}); time the run again with --redo bench"
+        ) from None
 
 
 def export_path(s: Session) -> Path:
@@ -454,7 +466,7 @@ def bench_stage(s: Session) -> BenchReport:
         return list(write_report(result, s.run.root).values()), {"rows": len(result.rows)}
 
     s.stage("bench", bench_inputs(s, found), work)
-    return BenchReport.from_dict(read_json(s.run.report("json")))
+    return read_report(s.run.report("json"))
 
 
 @dataclass

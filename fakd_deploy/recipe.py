@@ -8,7 +8,9 @@ out-of-range values are `RecipeError`s that name the dotted key and what it allo
 from __future__ import annotations
 
 import copy
+import importlib
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -239,10 +241,45 @@ class ImportConfig(Section):
         for pattern, replacement in rename.items():
             try:
                 re.compile(pattern).sub(replacement, "")
+                nested = repeats_a_repeat(pattern)
             except re.error as error:
                 message = f"{pattern!r} -> {replacement!r} is not a regular expression: {error}"
                 raise ValueError(message) from None
+            if nested:
+                raise ValueError(
+                    f"{pattern!r} repeats a part that itself repeats without bound, which can take "
+                    "forever on a key it does not match; write it without the outer repeat"
+                )
         return rename
+
+
+# Python's own regular-expression parser: its module moved in 3.11 and has no type stubs.
+_REGEX_PARSER: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
+REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+INNER = {  # where the parts inside a group, an alternation or a lookaround are
+    "SUBPATTERN": lambda arg: [arg[-1]],
+    "BRANCH": lambda arg: arg[1],
+    "ASSERT": lambda arg: [arg[1]],
+    "ASSERT_NOT": lambda arg: [arg[1]],
+}
+
+
+def repeats_a_repeat(pattern: str) -> bool:
+    """Whether a repeated group of `pattern` holds a part repeated without bound, as in
+    `(\\w+\\.?)+!`: Python's backtracking matcher takes exponential time on such a pattern and
+    cannot be interrupted (not even by Ctrl-C), so it is refused before any key meets it."""
+
+    def walk(items: Any, repeated: bool) -> bool:
+        for op, arg in items:
+            if str(op) in REPEATS:
+                unbounded = arg[1] == _REGEX_PARSER.MAXREPEAT
+                if (repeated and unbounded) or walk(arg[2], repeated or unbounded):
+                    return True
+            elif str(op) in INNER and any(walk(part, repeated) for part in INNER[str(op)](arg)):
+                return True
+        return False
+
+    return walk(_REGEX_PARSER.parse(pattern), False)
 
 
 class TeacherConfig(Section):

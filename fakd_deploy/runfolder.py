@@ -24,12 +24,13 @@ import shutil
 import socket
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
 from fakd_deploy.errors import BadInput, RunFolderBusy
-from fakd_deploy.inputs import read_text
+from fakd_deploy.inputs import load_yaml, parse_json, read_text
 from fakd_deploy.utils import (
     SCRATCH_NAME,
     TEMPORARY_NAME,
@@ -152,12 +153,44 @@ def has_content(folder: Path) -> bool:
 RUN_MARKS = ("manifest.json", "recipe.yaml")
 
 
+# The fields each marker has as fakd-deploy writes it: a folder whose marker is some other
+# program's `manifest.json` (a web app's, a CI file) is not a run folder to write into.
+MARK_FIELDS = {
+    "manifest.json": ("version", "stages"),
+    "recipe.yaml": ("name", "data", "student"),
+    "report.json": ("header", "rows"),
+}
+
+
+def written_here(mark: Path) -> bool:
+    """Whether a marker file reads as the one fakd-deploy writes. One that is not a plain
+    file or does not parse at all counts as ours, damaged: its reader names what is wrong
+    (a link, a folder, a FIFO, broken JSON) and how to start over."""
+    if not stat.S_ISREG(os.lstat(mark).st_mode):
+        return True
+    text = read_text(mark, "marker file", MAX_MANIFEST_BYTES)
+    try:
+        data = load_yaml(text, str(mark)) if mark.suffix == ".yaml" else parse_json(text, str(mark))
+    except BadInput:
+        return True
+    return isinstance(data, dict) and all(key in data for key in MARK_FIELDS[mark.name])
+
+
 def enclosing_run(path: Path) -> Path | None:
     """The run folder that `path` lies inside (never `path` itself), if any."""
     for parent in path.resolve().parents:
         if all((parent / mark).is_file() for mark in RUN_MARKS):
             return parent
     return None
+
+
+@contextlib.contextmanager
+def held_around(path: Path) -> Iterator[None]:
+    """Hold the run folder `path` is written into, when it lies inside one (`export --out
+    runs/q/deploy/x.onnx`, a build beside a run's model): one writer per run folder."""
+    around = enclosing_run(path)
+    with RunLock(RunFolder(around)) if around is not None else contextlib.nullcontext():
+        yield
 
 
 def prepare_root(root: Path, marks: tuple[str, ...] = RUN_MARKS) -> None:
@@ -172,10 +205,18 @@ def prepare_root(root: Path, marks: tuple[str, ...] = RUN_MARKS) -> None:
         raise BadInput(f"--out {root} is a file; a run folder must be a directory")
     if root.is_dir():
         entries = [entry for entry in os.listdir(root) if entry != ".lock"]
-        if entries and not any(os.path.lexists(root / mark) for mark in marks):
+        present = [mark for mark in marks if os.path.lexists(root / mark)]
+        if entries and not present:
             raise BadInput(
                 f"--out {root} already holds files and is not a fakd-deploy run folder (it has no "
                 f"{' or '.join(marks)}); give a new or empty folder"
+            )
+        foreign = [mark for mark in present if not written_here(root / mark)]
+        if entries and foreign == present:
+            raise BadInput(
+                f"--out {root} already holds files and is not a fakd-deploy run folder: its "
+                f"{foreign[0]} is not one fakd-deploy writes (a mapping with "
+                f"{', '.join(MARK_FIELDS[foreign[0]])}); give a new or empty folder"
             )
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -499,12 +540,7 @@ class Manifest:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest's data, or one line naming the file and what is wrong with it."""
     text = read_text(no_links(path), "manifest", MAX_MANIFEST_BYTES)
-    try:
-        data = json.loads(text)
-    except ValueError as error:
-        raise BadInput(
-            f"{path} is not valid JSON ({error}); rerun with --force to start the run folder over"
-        ) from None
+    data = parse_json(text, str(path), remedy="; rerun with --force to start the run folder over")
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         raise BadInput(
             f"{path} is not a fakd-deploy manifest (no 'stages' mapping); rerun with "

@@ -108,6 +108,10 @@ def expand(recipe: Recipe) -> tuple[Recipe, dict[str, dict[str, Any]]]:
         raise BadInput(
             f"study.kd '{cfg.kd}' must be a plain distillation variant (terms, none with lam0 > 0)"
         )
+    for key, values in (("study.lam0", cfg.lam0), ("study.bounds", cfg.bounds)):
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:
+            raise BadInput(f"{key} lists {repeated} twice: each value is one sweep point")
     fakd_variants = [name for name, terms in variants.items() if is_fakd(terms)]
     targets = cfg.variants if cfg.variants is not None else fakd_variants
     for name in targets:
@@ -123,23 +127,27 @@ def expand(recipe: Recipe) -> tuple[Recipe, dict[str, dict[str, Any]]]:
 
     points: dict[str, list[LossTerm]] = {}
     described: dict[str, dict[str, Any]] = {}
+
+    def add(point: str, point_terms: list[LossTerm], info: dict[str, Any]) -> None:
+        """A point whose name is taken would replace or be replaced by another: refuse it."""
+        if point in points:
+            raise BadInput(collision(point, described[point], info))
+        points[point], described[point] = point_terms, info
+
     for name, terms in variants.items():
         own = [t for t in terms if t.lam0 > 0]
         if name not in targets:
-            points[name] = terms
-            described[name] = describe(name, own[0].lam0 if own else None, fakd_bound(terms))
+            add(name, terms, describe(name, own[0].lam0 if own else None, fakd_bound(terms)))
             continue
         # Unswept, the bound is the first FAKD term's (none if that is not KD): the point names,
-        # and so the students' run folders, stay those of earlier studies.
+        # and so the students' run folders, stay those of earlier studies. A variant without a
+        # FAKD-KD term has one point per lam0, whatever the bounds.
         own_bound = own[0].bound if own[0].loss == "kd" else None
+        bounds: Sequence[BoundName | None] = (cfg.bounds or [own_bound]) if fakd_bound(terms) else [None]
         for lam0 in cfg.lam0 or [own[0].lam0]:
-            bounds: Sequence[BoundName | None] = cfg.bounds or [own_bound]
             for bound in bounds:
-                kd_bound = bound if fakd_bound(terms) else None
-                point = point_name(name, lam0, kd_bound)
-                if point not in points:  # a bound is no new point for a variant without a KD term
-                    points[point] = [swept(t, lam0, kd_bound) if t.lam0 > 0 else t for t in terms]
-                    described[point] = describe(name, lam0, fakd_bound(points[point]))
+                point_terms = [swept(t, lam0, bound) if t.lam0 > 0 else t for t in terms]
+                add(point_name(name, lam0, bound), point_terms, describe(name, lam0, fakd_bound(point_terms)))
     raw = recipe.model_dump(mode="json")
     raw["student"]["variants"] = {
         name: [t.model_dump(mode="json") for t in terms] for name, terms in points.items()
@@ -150,6 +158,23 @@ def expand(recipe: Recipe) -> tuple[Recipe, dict[str, dict[str, Any]]]:
             p for p, info in described.items() if info["source"] == exported
         )
     return parse_recipe(raw), described
+
+
+def collision(point: str, first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
+    """Why two variants of the expanded study have one name; `source` says which made each."""
+    swept_points = [info for info in (first, second) if info["source"] != point]
+    if len(swept_points) == 2 and first["source"] == second["source"]:
+        return (
+            f"study.lam0 {first['lam0']} and {second['lam0']} give the same point name {point} "
+            "(names show lam0 to 6 significant digits): sweep values that differ there"
+        )
+    if len(swept_points) == 1:
+        info = swept_points[0]
+        return (
+            f"student.variants.{point} is also the name of a sweep point of {info['source']} "
+            f"(lam0 {info['lam0']}): rename the variant"
+        )
+    return f"variants {first['source']} and {second['source']} both give the study point {point}"
 
 
 def by_seed(rows: Sequence[Mapping[str, Any]]) -> Table:

@@ -74,6 +74,7 @@ def _checkpoint(recipe: Any, role: str, variant: str | None, path: Path) -> Path
         class_names=names,
         role=role,
         variant=variant,
+        seed=None if variant is None else 0,  # as a run stores them
         step=1,
     ).save(path)
 
@@ -530,3 +531,28 @@ def test_a_report_inside_a_run_folder_waits_for_that_folders_writer(run: Path, t
         bench(files, out=around / "cpu-report", iters=2, warmup_s=0.0, max_images=4)
     _, written = bench(files, out=around / "cpu-report", iters=2, warmup_s=0.0, max_images=4)
     assert written["json"] == around / "cpu-report" / "report.json"
+
+
+def test_checkpoints_swapped_between_folders_are_rows_that_say_so(run: Path, tmp_path: Path) -> None:
+    """Before: each row was labelled by its folder, so the teacher's mIoU showed as the student's."""
+    import shutil
+
+    swapped = tmp_path / "swapped"
+    (swapped / "teacher").mkdir(parents=True)
+    (swapped / "students" / "baseline_s0").mkdir(parents=True)
+    shutil.copy(run / "recipe.yaml", swapped / "recipe.yaml")
+    shutil.copy(run / "teacher" / "best.pt", swapped / "students" / "baseline_s0" / "best.pt")
+    shutil.copy(run / "students" / "baseline_s0" / "best.pt", swapped / "teacher" / "best.pt")
+    result, _ = bench([swapped], ["pytorch"], iters=2, warmup_s=0.0, max_images=4)
+    rows = {row.model: row for row in result.rows}
+    assert rows["teacher"].status == rows["baseline_s0"].status == Status.RUN_FAILED
+    assert rows["teacher"].miou is None and rows["teacher"].fault == "model"
+    assert (
+        rows["teacher"].error
+        == "teacher/best.pt holds baseline_s0, not teacher: put it back in its own folder"
+    )
+    assert rows["baseline_s0"].error == (
+        "students/baseline_s0/best.pt holds teacher, not baseline_s0: put it back in its own folder"
+    )
+    in_place, _ = bench([run], ["pytorch"], out=tmp_path / "report", iters=2, warmup_s=0.0, max_images=4)
+    assert all(row.status == Status.OK for row in in_place.rows)

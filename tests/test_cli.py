@@ -543,7 +543,12 @@ def test_bench_writes_its_report_only_into_a_new_empty_or_report_folder(
     (mine / "report.md").write_text("my notes")
     bench = ["bench", artifacts["onnx"], "--rounds", 1, "--seconds", 0.01, "--warmup", 0, "--max-images", 1]
     refused([*bench, "--out", mine], f"--out {mine} already holds files", "no report.json")
+    (mine / "report.json").write_text('{"quarter": "Q3"}')  # another program's report
+    refused(
+        [*bench, "--out", mine], f"--out {mine} already holds files", "report.json is not one fakd-deploy"
+    )
     assert (mine / "report.md").read_text() == "my notes"
+    assert (mine / "report.json").read_text() == '{"quarter": "Q3"}'
     invoke(*bench, "--out", tmp_path / "report")
     invoke(*bench, "--out", tmp_path / "report")  # its own report, written again
     assert (tmp_path / "report" / "report.json").is_file()

@@ -58,6 +58,18 @@ def test_label_out_of_range_is_an_error() -> None:
         ConfusionMatrix(4).update(np.array([0, 7]), np.array([0, 1]))
 
 
+def test_a_prediction_outside_the_classes_is_an_error_not_the_last_class() -> None:
+    # before: clipped into class 3, scored as a confident (wrong) prediction, exit 0
+    from fakd_deploy.errors import ArtifactError
+
+    for wrong in (10, -1):
+        with pytest.raises(ArtifactError, match=rf"the model predicts class {wrong}, outside the 4 classes"):
+            ConfusionMatrix(4).update(np.array([0, 3, 255]), np.array([0, wrong, 9]))
+    matrix = ConfusionMatrix(4)
+    matrix.update(np.array([0, 3, 255]), np.array([0, 3, 9]))  # under the ignore label: never scored
+    assert matrix.mat.sum() == 2
+
+
 def _batches(n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
     return [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +182,9 @@ def test_a_hand_edited_stage_entry_runs_again(
     assert f"stage build:ort-cpu-int8's '{key}' is not what this version writes; it runs again" in caplog.text
 
 
-@pytest.mark.parametrize("text", ["{broken", "[1, 2]", '{"stages": 3}'])
+@pytest.mark.parametrize(
+    "text", ["{broken", '{"version": 2, "stages": 3}', '{"version": 2, "stages": {"a": 1}}']
+)
 def test_a_broken_manifest_is_named_and_force_starts_over(
     tmp_path: Path, tiny_recipe: Path, text: str
 ) -> None:
@@ -585,6 +588,89 @@ def test_an_out_folder_that_is_not_a_run_folder_is_refused_and_left_alone(
     assert (folder / ".tmp" / "work.txt").read_text() == "mine"
     assert (folder / ".draft.tmp").read_text() == "mine too"
     assert sorted(p.name for p in folder.iterdir()) == [".draft.tmp", ".tmp", "images"]
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        '{"name": "ci pipeline", "stages": {"lint": {"cmd": "make lint"}}}',  # a CI file
+        '{"name": "My PWA", "icons": []}',  # a web app's
+        "[1, 2]",
+    ],
+)
+def test_a_folder_marked_by_another_programs_manifest_is_refused_even_with_force(
+    tmp_path: Path, tiny_recipe: Path, marker: str
+) -> None:
+    """Before: the CI file was replaced, the user's teacher/ moved to teacher.previous/ and
+    deleted on the next redo; the web app's was refused with advice to use --force, which did
+    the same."""
+    folder = tmp_path / "project"
+    (folder / "teacher").mkdir(parents=True)
+    (folder / "teacher" / "notes.txt").write_text("mine")
+    (folder / "manifest.json").write_text(marker)
+    for force in ([], ["--force"]):
+        result = cli("train", tiny_recipe, "--out", folder, "--role", "teacher", *force)
+        refused(result, 2, "project", "its manifest.json is not one fakd-deploy writes")
+        assert "--force" not in result.output
+    assert (folder / "manifest.json").read_text() == marker
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
+        "manifest.json",
+        "teacher",
+        "teacher/notes.txt",
+    ]
+
+
+def test_a_damaged_manifest_of_a_run_folder_still_says_how_to_start_over(
+    tmp_path: Path, tiny_recipe: Path
+) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"version": 2, "stag')
+    refused(cli("train", tiny_recipe, "--out", folder, "--role", "teacher"), 2, "not valid JSON", "--force")
+    (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(
+        cli("train", tiny_recipe, "--out", folder, "--role", "teacher"), 2, "it nests too deeply", "--force"
+    )
+
+
+def test_export_and_build_into_a_held_run_folder_wait_for_its_writer(
+    tmp_path: Path, tiny_recipe: Path, artifacts: dict[str, Path]
+) -> None:
+    """Before: both replaced the run's files (exit 0) while `bench` held the folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "deploy").mkdir(parents=True)
+    shutil.copy(tiny_recipe, run / "recipe.yaml")
+    (run / "manifest.json").write_text('{"version": 2, "stages": {}}')
+    model = Path(shutil.copy(artifacts["onnx"], run / "deploy" / "student.onnx"))
+    with RunLock(RunFolder(run)):
+        refused(cli("build", model, "--backend", "ort-cpu-int8", "--calib", 2), 3, f"pid {os.getpid()}")
+        refused(cli("export", artifacts["checkpoint"], "--out", run / "deploy" / "x.onnx"), 3, "run")
+    assert sorted(p.name for p in (run / "deploy").iterdir()) == ["student.onnx"]
+    assert cli("build", model, "--backend", "ort-cpu-int8", "--calib", 2).exit_code == 0
+    assert (run / "deploy" / "student.int8.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('{"rows": [{"model": "x", "status": "weird"}]}', "'weird' is not a valid Status"),
+        ('{"rows": [1]}', "is not a report fakd-deploy writes"),
+        ("[1, 2]", "is not a report fakd-deploy writes"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON (it nests too deeply)"),
+    ],
+)
+def test_a_report_read_back_by_run_is_checked(tmp_path: Path, text: str, named: str) -> None:
+    """What `run` reads back of its bench stage (the manifest's hash can be edited too).
+    Before: ValueError and RecursionError tracebacks."""
+    from fakd_deploy.pipeline import read_report
+
+    path = tmp_path / "report.json"
+    path.write_text(text)
+    with pytest.raises(BadInput, match=re.escape(named)) as refused_with:
+        read_report(path)
+    assert str(path) in str(refused_with.value) and "\n" not in str(refused_with.value)
 
 
 def test_an_out_that_is_a_dangling_link_is_named(tmp_path: Path, tiny_recipe: Path) -> None:
@@ -1218,7 +1304,7 @@ def test_bench_on_data_it_cannot_read_is_exit_2_and_keeps_the_report(
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").write_text("the previous report")
-    (report / "report.json").write_text("{}")
+    (report / "report.json").write_text('{"header": {}, "rows": []}')
     result = cli(
         "bench", artifacts["onnx"], "--out", report, "--backends", "ort-cpu-fp32",
         "--set", "data.name=folder", "--set", "data.options={}", "--set", f"data.root={tmp_path / 'data'}",
@@ -1406,6 +1492,8 @@ def _hostile_onnx(tmp_path: Path, source: Path, case: str) -> Path:
             "unknown input mode": ("input", '"bgr"'),
             "escape in a class name": ("class_names", json.dumps(["a", "b\x1b[2J", "c", "d", "e", "f"])),
             "class names of another count": ("class_names", json.dumps(["a", "b", "c"])),
+            "another class count": ("num_classes", "7"),
+            "deeply nested metadata": ("class_names", "[" * 100_000 + "]" * 100_000),
         }[case]
         entries = {p.key: p for p in model.metadata_props}
         if key in entries:
@@ -1435,6 +1523,8 @@ def _hostile_onnx(tmp_path: Path, source: Path, case: str) -> Path:
         ("unknown input mode", "metadata 'input'"),
         ("escape in a class name", "metadata 'class_names' has 'b\\x1b[2J' at 1"),
         ("class names of another count", "metadata 'class_names' names 3 classes and 'num_classes' is 6"),
+        ("another class count", "output 'logits' gives 6 class scores and metadata 'num_classes' is 7"),
+        ("deeply nested metadata", "metadata 'class_names'"),
     ],
 )
 def test_a_foreign_onnx_model_is_refused_in_one_line_before_any_runtime(

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -313,7 +314,7 @@ def test_bundle_infer_imports_nothing_of_fakd_deploy(bundles: dict[str, Path]) -
     modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     top = {m.split(".")[0] for m in modules}
     allowed = {"__future__", "argparse", "json", "os", "re", "stat", "sys", "warnings", "collections"}
-    allowed |= {"pathlib", "typing"}
+    allowed |= {"pathlib", "signal", "typing"}
     assert top <= allowed | {"numpy", "PIL", "onnxruntime", "tensorrt", "cuda"}
 
 
@@ -445,6 +446,139 @@ def test_bundle_infer_never_overwrites_its_inputs(bundles: dict[str, Path], tmp_
         refusal = f"error: --alpha {alpha} is not an opacity from 0 to 1\n"
         assert (result.returncode, result.stderr) == (2, refusal)
     assert not (tmp_path / "masks").exists()
+
+
+def test_bundle_infer_never_writes_through_a_link_out_of_its_out_folder(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """`--out DIR` holding wide.labels.png, a link to a file outside DIR: refused in one line,
+    in predict's words, for predict's layout too (before: infer.py wrote the PNG through the
+    link, over the file, exit 0). A link to a file inside DIR is replaced, its target kept."""
+    bundle = bundles["float"]
+    (image, _) = sample_images(tmp_path / "images")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "blink"
+    out.mkdir()
+    (out / "wide.labels.png").symlink_to(victim)
+
+    def infer() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-I", "infer.py", str(image), "--out", str(out)]
+        return subprocess.run(command, cwd=bundle, capture_output=True, text=True, check=False)
+
+    result = infer()
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: 'wide.labels.png' leads outside the folder {out}\n",
+    )
+    (out / "wide.tiny.ort-cpu-fp32.labels.png").symlink_to(victim)
+    with pytest.raises(
+        BadInput, match=re.escape(f"'wide.tiny.ort-cpu-fp32.labels.png' leads outside the folder {out}")
+    ):
+        predict(bundle / "tiny.onnx", [image], out)
+    assert victim.read_text() == "precious" and len(list(out.iterdir())) == 2
+    for link in out.iterdir():
+        link.unlink()
+    (out / "mine.txt").write_text("mine")
+    (out / "wide.labels.png").symlink_to(out / "mine.txt")
+    result = infer()
+    assert result.returncode == 0, result.stderr
+    assert not (out / "wide.labels.png").is_symlink() and (out / "mine.txt").read_text() == "mine"
+    assert Image.open(out / "wide.labels.png").size == Image.open(image).size
+
+
+def test_bundle_infer_writes_each_mask_atomically_and_stops_on_sigterm(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGTERM while infer.py writes a mask (the PNG written, not yet in place): exit 130 with
+    one line, the previous mask kept whole and no temporary file left (before: the process
+    died by the signal, the mask already replaced in place)."""
+    (image, _) = sample_images(tmp_path / "images")
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "wide.labels.png").write_bytes(b"the previous mask")
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, runpy, signal, sys\n"
+        "from PIL import Image\n"
+        "real = Image.Image.save\n"
+        "def save(self, fp, *args, **kwargs):\n"
+        "    real(self, fp, *args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "Image.Image.save = save\n"
+        "sys.argv = ['infer.py', *sys.argv[1:]]\n"
+        "runpy.run_path('infer.py', run_name='__main__')\n"
+    )
+    command = [sys.executable, "-I", str(driver), str(image), "--out", str(out)]
+    result = subprocess.run(command, cwd=bundles["float"], capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stderr) == (130, "interrupted: stopped by SIGTERM\n")
+    assert [p.name for p in out.iterdir()] == ["wide.labels.png"]
+    assert (out / "wide.labels.png").read_bytes() == b"the previous mask"
+
+
+def wide_model(path: Path, like: Path, classes: int) -> Path:
+    """A float model of `classes` classes with `like`'s metadata (its input and normalisation):
+    class 7 wins everywhere but where the red channel is bright, where the last class wins."""
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as oh
+
+    weight = np.zeros((classes, 3, 1, 1), np.float32)
+    weight[-1, 0] = 1.0
+    bias = np.zeros(classes, np.float32)
+    bias[7] = 1.0
+    graph = oh.make_graph(
+        [oh.make_node("Conv", ["images", "weight", "bias"], ["logits"])],
+        "wide",
+        [oh.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [oh.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes, 32, 32])],
+        [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
+    meta = {prop.key: prop.value for prop in onnx.load(like).metadata_props}
+    meta |= {"num_classes": str(classes), "class_names": json.dumps([f"class {i}" for i in range(classes)])}
+    oh.set_model_props(model, meta)
+    onnx.save(model, path)
+    return path
+
+
+def test_bundle_infer_refuses_a_class_id_an_8_bit_png_cannot_hold_as_predict_does(tmp_path: Path) -> None:
+    """A model of 300 classes (up to 1024 are allowed): infer.py failed with an IndexError on
+    its palette, and would have wrapped class 299 to 43. Now an image whose ids fit is written
+    as predict writes it, and one where class 299 wins is refused in one line, in predict's
+    words; the bundle's README says so."""
+    run = make_run(tmp_path / "run", "float")
+    model = wide_model(run / "deploy" / "wide.onnx", run / "deploy" / "tiny.onnx", 300)
+    bundle = Path(package(run, tmp_path / "b", model=model)["out"])
+    assert "This model has 300 classes" in (bundle / "README.md").read_text()
+    (tmp_path / "images").mkdir()
+    for name, value in (("dark", 0), ("bright", 255)):
+        Image.fromarray(np.full((20, 30, 3), value, np.uint8)).save(tmp_path / "images" / f"{name}.png")
+
+    def infer(name: str) -> subprocess.CompletedProcess[str]:
+        command = [
+            sys.executable,
+            "-I",
+            "infer.py",
+            str(tmp_path / "images" / name),
+            "--out",
+            str(tmp_path / "infer"),
+        ]
+        return subprocess.run(command, cwd=bundle, capture_output=True, text=True, check=False)
+
+    result = infer("dark.png")
+    assert result.returncode == 0, result.stderr
+    predict(model, [tmp_path / "images" / "dark.png"], tmp_path / "predict")
+    (theirs,) = (tmp_path / "predict").glob("dark.wide.*.labels.png")
+    ours = Image.open(tmp_path / "infer" / "dark.labels.png")
+    assert (np.asarray(ours) == 7).all()
+    np.testing.assert_array_equal(
+        np.asarray(ours.convert("RGB")), np.asarray(Image.open(theirs).convert("RGB"))
+    )
+    result = infer("bright.png")
+    assert (result.returncode, result.stderr) == (2, "error: class id 299 does not fit an 8-bit label PNG\n")
+    assert not list((tmp_path / "infer").glob("bright.*"))
+    with pytest.raises(BadInput, match=r"^class id 299 does not fit an 8-bit label PNG$"):
+        predict(model, [tmp_path / "images" / "bright.png"], tmp_path / "predict")
 
 
 class FakeEngine:
@@ -614,6 +748,9 @@ def test_package_without_a_choice_or_with_a_changed_file_says_what_to_do(tmp_pat
     (run / "deploy/choice.json").write_text(json.dumps({"file": "deploy/tiny.onnx", "backend": "bogus"}))
     with pytest.raises(BadInput, match=r"choice\.json: .*bogus"):
         package(run)
+    (run / "deploy/choice.json").write_text("[" * 100_000 + "]" * 100_000)  # before: RecursionError
+    with pytest.raises(BadInput, match=r"choice\.json is not valid JSON \(it nests too deeply\); pick again"):
+        package(run)
     assert not (run / "bundle").exists()
 
 
@@ -693,7 +830,7 @@ def test_package_never_replaces_a_bundle_holding_what_it_did_not_write(tmp_path:
 
 @pytest.mark.parametrize(
     "manifest",
-    ["{}", "not json", '{"files": {"precious.txt": 1}}', "[]"],
+    ["{}", "not json", '{"files": {"precious.txt": 1}}', "[]", "[" * 100_000 + "]" * 100_000],
 )
 def test_package_never_replaces_a_folder_whose_bundle_json_it_did_not_write(
     tmp_path: Path, manifest: str
@@ -751,3 +888,111 @@ def test_package_command_prints_the_bundle_or_one_line_why_not(tmp_path: Path) -
     assert f"bundle: {tmp_path / 'b'} (tiny.onnx, ort-cpu-fp32)" in result.output
     assert "  infer.py" in result.output.splitlines()
     assert json.loads((tmp_path / "b" / "bundle.json").read_text())["chosen_by"] == "--model"
+
+
+@pytest.mark.parametrize("when", ["checking", "swapping"])
+def test_a_signal_while_a_bundle_is_replaced_leaves_the_previous_one_at_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """SIGTERM while `package` replaces an earlier bundle: as the old one is checked, or between
+    setting it aside and renaming the new one in. Exit 130, the previous bundle at --out as it
+    was and nothing beside it (before: --out missing, the old bundle left at .b.XXXX.tmp.old)."""
+    import signal
+
+    from typer.testing import CliRunner
+
+    import fakd_deploy.deploy.package as packaging
+    from fakd_deploy.cli import app
+
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    before = contents(bundle)
+    if when == "checking":  # the first check is before the build, the second at the swap
+        check, calls = packaging.check_replaceable, []
+
+        def checked(folder: Path, out: Path) -> None:
+            calls.append(folder)
+            if len(calls) == 2:
+                signal.raise_signal(signal.SIGTERM)
+            check(folder, out)
+
+        monkeypatch.setattr(packaging, "check_replaceable", checked)
+    else:
+        rename = Path.rename
+
+        def renamed(self: Path, target: Any) -> Path:
+            if Path(target) == bundle and self.name.endswith(".tmp"):  # the new bundle, moving in
+                signal.raise_signal(signal.SIGTERM)
+            return rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", renamed)
+    result = CliRunner().invoke(app, ["package", str(run), "--out", str(bundle)])
+    assert result.exit_code == 130 and "interrupted: stopped by SIGTERM" in result.output, result.output
+    assert contents(bundle) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "run"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_file_written_between_the_check_and_the_swap_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old bundle is hashed before anything moves; a file written into it after that
+    (nvinfer starting on it) is seen when it has been set aside, and the old bundle goes back
+    to --out, named in one line (before: checked, then deleted with the file)."""
+    import fakd_deploy.deploy.package as packaging
+
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    check, calls = packaging.check_replaceable, []
+
+    def then_written(folder: Path, out: Path) -> None:
+        check(folder, out)
+        calls.append(folder)
+        if len(calls) == 2:
+            (folder / "late.txt").write_text("written after the check")
+
+    monkeypatch.setattr(packaging, "check_replaceable", then_written)
+    with pytest.raises(BadInput, match=r"holds late\.txt, which the bundle did not write"):
+        package(run, bundle)
+    assert (bundle / "late.txt").read_text() == "written after the check"
+    assert (bundle / "bundle.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["b", "run"]
+
+
+def test_a_bundle_a_kill_left_set_aside_is_put_back_or_removed_by_the_next_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill -9 between the two renames of a replace leaves --out missing and the previous
+    bundle at .b.XXXXXXXX.tmp.old: the next `package` puts it back first, so its own failure
+    still leaves it at --out. Set-aside bundles beside a present --out are removed once the new
+    bundle is in place, but one holding a file the bundle did not write is kept."""
+    import fakd_deploy.deploy.package as packaging
+    from fakd_deploy.errors import StageFailed
+
+    run = make_run(tmp_path / "run", "float")
+    choose(run, "deploy/tiny.onnx", "ort-cpu-fp32")
+    bundle = Path(package(run, tmp_path / "b")["out"])
+    before = contents(bundle)
+    bundle.rename(tmp_path / ".b.k1ll3d_9.tmp.old")
+
+    def fails(*args: Any) -> None:
+        raise StageFailed("the DeepStream check failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(packaging, "check_deepstream", fails)
+        with pytest.raises(StageFailed):
+            package(run, bundle)
+    assert contents(bundle) == before and sorted(p.name for p in tmp_path.iterdir()) == ["b", "run"]
+    for name in (".b.k1ll3d_1.tmp.old", ".b.k1ll3d_2.tmp.old"):
+        shutil.copytree(bundle, tmp_path / name)
+    (tmp_path / ".b.k1ll3d_2.tmp.old" / "notes.txt").write_text("mine")
+    (tmp_path / ".bb.k1ll3d_3.tmp.old").mkdir()  # another --out's: not this one's to remove
+    package(run, bundle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".b.k1ll3d_2.tmp.old",
+        ".bb.k1ll3d_3.tmp.old",
+        "b",
+        "run",
+    ]
+    assert (tmp_path / ".b.k1ll3d_2.tmp.old" / "notes.txt").read_text() == "mine"

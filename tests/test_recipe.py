@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -123,6 +124,31 @@ def test_loader_workers_are_auto_or_a_count_in_one_message(value: str) -> None:
     ):
         load_recipe(RECIPES / "quickstart.yaml", [f"data.workers={value}"])
     assert load_recipe(RECIPES / "quickstart.yaml", ["data.workers=3"]).data.workers == 3
+
+
+@pytest.mark.parametrize(
+    ("pattern", "refused"),
+    [
+        (r"(\w+\.?)+!", True),  # hung `train` past 90 s on a 60-character key
+        (r"([\w.]+)+!", True),
+        (r"(a*)*b", True),
+        (r"(?:x|y+)*z", True),
+        (r"(?=(a+)+)", True),
+        (r"^module\.", False),
+        (r"^(backbone)\.(.*)$", False),
+        (r"encoder\.(\d+)\.", False),
+        (r"(ab)+", False),
+        (r"(a{2,5})+", False),
+    ],
+)
+def test_a_rename_that_could_backtrack_forever_is_refused(pattern: str, refused: bool) -> None:
+    rename = f"teacher.weights_import.rename={{{json.dumps(pattern)}: x}}"
+    if refused:
+        with pytest.raises(RecipeError, match="repeats a part that itself repeats without bound"):
+            load_recipe(RECIPES / "quickstart.yaml", [rename])
+    else:
+        teacher = load_recipe(RECIPES / "quickstart.yaml", [rename]).teacher
+        assert teacher is not None and pattern in teacher.weights_import.rename
 
 
 def test_unknown_key_in_yaml_is_named() -> None:

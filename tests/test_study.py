@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from fakd_deploy.cli import app
 from fakd_deploy.errors import BadInput
 from fakd_deploy.recipe import LossTerm, Recipe, parse_recipe
 from fakd_deploy.study import expand, headline, plain_losses, reading, summarize
@@ -172,8 +174,8 @@ def test_an_unswept_bound_keeps_the_point_names_of_earlier_studies() -> None:
         ),
         ({"lam0": []}, ["fakd_kd-lam0.5-marginal", "fakd_kd-lam0.5-centred", "fakd_cwd-lam0.5"]),
         (
-            {"lam0": [], "bounds": ["marginal", "marginal", "centred"]},
-            ["fakd_kd-lam0.5-marginal", "fakd_kd-lam0.5-centred", "fakd_cwd-lam0.5"],
+            {"lam0": [], "bounds": ["centred", "marginal"]},
+            ["fakd_kd-lam0.5-centred", "fakd_kd-lam0.5-marginal", "fakd_cwd-lam0.5"],
         ),
     ],
 )
@@ -245,11 +247,42 @@ def test_study_kd_is_the_fallback_and_null_leaves_a_point_unpaired() -> None:
         ({"kd": "fakd_cwd"}, "study.kd 'fakd_cwd' must be a plain distillation variant"),
         ({"variants": ["kd"]}, r"study.variants: 'kd' has no FAKD term \(lam0 > 0\) to sweep"),
         ({"lam0": [], "bounds": []}, "the study sweeps nothing: give study.lam0 and/or study.bounds"),
+        (
+            {"variants": ["fakd_kd"], "lam0": [0.1, 0.1000001]},
+            r"study.lam0 0.1 and 0.1000001 give the same point name fakd_kd-lam0.1-marginal",
+        ),
+        ({"lam0": [0.3, 0.3]}, "study.lam0 lists 0.3 twice"),
+        ({"bounds": ["marginal", "centred", "marginal"]}, "study.bounds lists marginal twice"),
     ],
 )
 def test_a_study_that_cannot_be_expanded_is_refused(study: dict[str, Any], message: str) -> None:
     with pytest.raises(BadInput, match=f"^{message}"):
         expand(study_recipe(**study))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_variant_named_like_a_sweep_point_is_refused_wherever_it_stands(first: bool) -> None:
+    """Before or after the variant swept into that name, neither may replace the other."""
+    raw = yaml.safe_load(TINY.read_text())
+    clash = {"fakd_kd-lam0.1-marginal": [{"loss": "kd", "tau": 4.0}]}
+    variants = raw["student"]["variants"]
+    raw["student"]["variants"] = {**clash, **variants} if first else {**variants, **clash}
+    raw["study"] = {"lam0": [0.1]}
+    message = (
+        "student.variants.fakd_kd-lam0.1-marginal is also the name of a sweep point of fakd_kd "
+        r"\(lam0 0.1\): rename the variant"
+    )
+    with pytest.raises(BadInput, match=f"^{message}$"):
+        expand(parse_recipe(raw))
+
+
+def test_colliding_sweep_points_end_the_study_in_one_line_before_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    args = ["study", str(TINY), "--out", str(out), "--set", "study.lam0=[0.1, 0.1000001]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "give the same point name" in result.output
+    assert not out.exists()
 
 
 # --- hand-made scores ------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from fakd_deploy.cli import app
-from fakd_deploy.study_scores import weights_digest
+from fakd_deploy.errors import BadInput
+from fakd_deploy.study_scores import MIOU_TOLERANCE, read_scores, weights_digest
 
 TINY = str(Path(__file__).resolve().parent / "recipes" / "tiny.yaml")
 SWEEP = ["--set", "study.lam0=[1.0]"]
@@ -161,10 +162,14 @@ GOOD_RUN = {
 }
 
 
+FORGED = {"miou": 99.0, "per_class_iou": [0.0] * 6}  # a miou its classes do not give
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{not json", "is not JSON"),
+        ("{not json", "is not valid JSON (Expecting property name"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON (it nests too deeply)"),
         (json.dumps({"format": 1}), "'runs': Field required"),
         (json.dumps({"format": 2, "runs": []}), "has format 2; this version reads format 1"),
         (json.dumps({"format": 1, "runs": [{**GOOD_RUN, "seed": "zero"}]}), "'runs.0.seed'"),
@@ -210,6 +215,16 @@ GOOD_RUN = {
             json.dumps({"format": 1, "runs": [{**GOOD_RUN, "seconds": math.inf}]}),
             "'runs.0.seconds'",
         ),
+        (
+            json.dumps({"format": 1, "runs": [GOOD_RUN, {**GOOD_RUN, "val_last": FORGED}]}),
+            "'runs.1.val_last.miou' is 99.0000 but its per_class_iou has a mean of 0.0000",
+        ),
+        (
+            json.dumps(
+                {"format": 1, "runs": [{**GOOD_RUN, "test_last": {"miou": 1.0, "per_class_iou": [None] * 6}}]}
+            ),
+            "'runs.0.test_last.miou' is 1.0000 but its per_class_iou has no class with an IoU",
+        ),
     ],
 )
 def test_a_bad_scores_file_is_refused_in_one_line(tmp_path: Path, content: str, message: str) -> None:
@@ -221,3 +236,18 @@ def test_a_bad_scores_file_is_refused_in_one_line(tmp_path: Path, content: str, 
     assert "Traceback" not in result.output and f"scores file {path}" in result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "s").exists()  # refused before the run folder was touched
+
+
+def test_a_miou_is_checked_against_the_classes_present_within_the_tolerance(tmp_path: Path) -> None:
+    """Classes absent from truth and prediction (None) are out of the mean, as in evaluate; the
+    committed studies' files still read."""
+    ok = {"miou": 60.0 + MIOU_TOLERANCE / 2, "per_class_iou": [50.0, None, 70.0, None, 60.0, 60.0]}
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps({"format": 1, "runs": [{**GOOD_RUN, "val_best": ok, "val_last": ok}]}))
+    assert read_scores(path, 6)[0].val_last.miou == ok["miou"]
+    for committed in sorted((Path(__file__).resolve().parents[1] / "docs" / "studies").glob("*.scores.json")):
+        assert len(read_scores(committed, 8)) == 120, committed
+    off = {**ok, "miou": 60.0 + 2 * MIOU_TOLERANCE}
+    path.write_text(json.dumps({"format": 1, "runs": [{**GOOD_RUN, "val_best": off}]}))
+    with pytest.raises(BadInput, match=r"'runs.0.val_best.miou' is 60.0400 but its per_class_iou has a mean"):
+        read_scores(path, 6)

@@ -6,14 +6,19 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fakd_deploy.cli import app
 from fakd_deploy.data import build_dataset
 from fakd_deploy.data.synthetic import Synthetic
 from fakd_deploy.errors import DatasetError
+
+TINY = Path(__file__).resolve().parent / "recipes" / "tiny.yaml"
 
 
 def digest(seed: int, index: int) -> str:
@@ -52,6 +57,30 @@ def test_arrays_and_metadata() -> None:
 def test_options_that_are_not_sizes_seeds_or_free_ids_are_named(options: dict, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         Synthetic(**options)
+
+
+@pytest.mark.parametrize(
+    "num_images, key",
+    [
+        ({1: 3}, "1"),
+        ({True: 3}, "True"),
+        ({None: 3}, "None"),
+        ({"train": 4, 2.5: 1}, "2.5"),
+        ({"tran": 3}, "tran"),
+    ],
+)
+def test_a_num_images_key_that_is_no_split_is_named(num_images: dict, key: str) -> None:
+    """YAML keys can be numbers, booleans or null: named, not a TypeError from sorting or joining them."""
+    with pytest.raises(DatasetError, match=f"^data.options.num_images names no split {key}: the splits"):
+        Synthetic(num_images=num_images)
+
+
+def test_a_num_images_key_that_is_no_split_ends_the_command_in_one_line(tmp_path: Path) -> None:
+    options = "data.options={size: 32, num_classes: 6, num_images: {1: 3}}"
+    args = ["train", str(TINY), "--out", str(tmp_path / "run"), "--set", options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "data.options.num_images names no split 1" in result.output
 
 
 def test_same_seed_same_arrays_other_seed_other_arrays() -> None:

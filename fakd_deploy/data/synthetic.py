@@ -106,7 +106,8 @@ MAX_IMAGES = 10_000_000  # per split: a training run draws a permutation of them
 def split_size(num_images: int | dict[str, int] | None, split: str) -> int:
     """How many images `split` has under the `num_images` option."""
     if isinstance(num_images, dict):
-        unknown = sorted(set(num_images) - set(SPLITS))
+        # YAML keys may be numbers, booleans or null: name them as given, never sort or join them raw
+        unknown = [key if isinstance(key, str) else repr(key) for key in num_images if key not in SPLITS]
         if unknown:
             raise DatasetError(
                 f"data.options.num_images names no split {', '.join(unknown)}: the splits are "

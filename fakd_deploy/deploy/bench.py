@@ -14,7 +14,6 @@ imports torch unless a checkpoint row is asked for.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import importlib.util
@@ -22,7 +21,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,14 @@ from fakd_deploy.deploy.compare import Sample, compare_grid
 from fakd_deploy.deploy.measure import PeakMemory, measure_gpu_compute, measure_latency, time_interleaved
 from fakd_deploy.deploy.pick import choice_record, pareto_front, pick
 from fakd_deploy.deploy.rows import PYTORCH, BenchReport, BenchRow, Fault, Latency, Status
-from fakd_deploy.errors import BackendUnavailable, BadInput, DatasetError, FakdError, error_summary
+from fakd_deploy.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    BadInput,
+    DatasetError,
+    FakdError,
+    error_summary,
+)
 from fakd_deploy.evaluate import evaluate, predict_labels
 from fakd_deploy.predictor import FixedSizePredictor, Predictor
 from fakd_deploy.recipe import BenchConfig, Recipe, updated
@@ -72,6 +78,7 @@ class Candidate:
     path: Path
     file: str | None = None  # the path as the report names it
     missing: str | None = None
+    by_folder: bool = False  # named after its run-folder folder, which its contents must match
 
 
 def split_backends(names: list[str] | None) -> list[str] | None:
@@ -164,7 +171,7 @@ def candidates(run: RunFolder, backends: list[str] | None = None) -> list[Candid
                     why = _missing_reason(run.relative(onnx), backend, shown)
                     deployed.append(Candidate(names[onnx], backend, expected, shown, why))
     found = [
-        c
+        replace(c, by_folder=True)
         for name, path in checkpoints.items()
         for c in file_candidates(path, name, wanted[name], run.relative(path))
     ]
@@ -219,6 +226,20 @@ def _misfit(artifact: Artifact, data: ValBatches, dataset: str) -> tuple[Fault, 
     return None
 
 
+def _misplaced(artifact: Artifact, candidate: Candidate) -> tuple[Fault, str] | None:
+    """A checkpoint whose stored role, variant and seed are not its folder's: a copied or
+    rearranged run folder is checked by what is in it, not by where it lies."""
+    if not candidate.by_folder or artifact.kind != "checkpoint":
+        return None
+    role, variant, seed = (artifact.metadata.get(key) for key in ("role", "variant", "seed"))
+    if role != "teacher" and (variant is None or seed is None):
+        return None  # saved by hand, without the fields to check
+    holds = "teacher" if role == "teacher" else f"{variant}_s{seed}"
+    if holds == candidate.model:
+        return None
+    return "model", f"{candidate.file} holds {holds}, not {candidate.model}: put it back in its own folder"
+
+
 def score_row(
     candidate: Candidate,
     data: ValBatches,
@@ -261,7 +282,7 @@ def score_row(
             return _fail(row, Status.SKIPPED, "backend", error), None, None
         except FakdError as error:
             return _fail(row, Status.LOAD_FAILED, "model", error), None, None
-        misfit = _misfit(artifact, data, recipe.data.name)
+        misfit = _misfit(artifact, data, recipe.data.name) or _misplaced(artifact, candidate)
         if misfit:
             return _fail(row, Status.RUN_FAILED, *misfit), None, None
         scored = FixedSizePredictor(predictor, size)
@@ -275,7 +296,7 @@ def score_row(
                 description=f"{candidate.model} {candidate.backend}",
             )
             labels = predict_labels(scored, sample.images) if cfg.compare else None
-        except DatasetError as error:  # the model's output does not fit the masks
+        except (DatasetError, ArtifactError) as error:  # the model's output does not fit the data
             return _fail(row, Status.RUN_FAILED, "model", error), None, None
         except Exception as error:  # a runtime's own exception types: the backend raised
             return _fail(row, Status.RUN_FAILED, "backend", error), None, None
@@ -537,7 +558,7 @@ def bench(
     else `./bench`.
     """
     from fakd_deploy.deploy.report import write_report
-    from fakd_deploy.runfolder import RunLock, enclosing_run
+    from fakd_deploy.runfolder import RunLock, held_around
 
     if not paths:
         raise BadInput("bench needs a run folder or model files")
@@ -582,12 +603,7 @@ def bench(
             result = bench_run(cfg_recipe, found, cfg, title)
             return result, write_report(result, root)
     out = out or Path("bench")
-    with contextlib.ExitStack() as held:
-        around = enclosing_run(out)
-        if around is not None:  # a report inside a run folder: that folder keeps one writer
-            held.enter_context(RunLock(RunFolder(around)))
-        held.enter_context(
-            RunLock(RunFolder(out), marks=REPORT_MARKS)
-        )  # a report folder, or a new or empty one
+    # a report folder, or a new or empty one; inside a run folder, that folder is held too
+    with held_around(out), RunLock(RunFolder(out), marks=REPORT_MARKS):
         result = bench_run(cfg_recipe, found, cfg, title)
         return result, write_report(result, out)

@@ -12,8 +12,11 @@ in training; logits are resized back bilinearly, labels by nearest neighbour.
 Images are read under the rules of `fakd-deploy predict`, so both give the same answer
 for every file: regular files only, at most MAX_IMAGE_PIXELS pixels, fully decoded, one
 frame, 8-bit colours (grey, palette, bilevel and YCbCr are converted; an alpha band must be
-opaque; 16-bit, float and CMYK images are refused). An image it cannot use, or an output
-that would replace an input, is one line on stderr naming the file, and exit code 2.
+opaque; 16-bit, float and CMYK images are refused). An image it cannot use, an output
+that would replace an input or lead out of --out (a link there), or a class id that an 8-bit
+PNG cannot hold, is one line on stderr naming it, and exit code 2. Each PNG is written to a
+hidden temporary file beside it and renamed into place; Ctrl-C, SIGTERM or SIGHUP removes
+that file and exits 130.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import warnings
@@ -41,6 +45,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 COLOUR = {"RGB", "L", "1", "P", "YCbCr"}
 ALPHA = {"RGBA": "RGB", "LA": "L", "PA": "P", "RGBa": "RGB", "La": "L"}
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -244,9 +249,18 @@ def images_of(source: Path) -> list[Path]:
     return [source]
 
 
+def inside(out: Path, name: str) -> Path:
+    """out/name, refused when it leads out of `out` (a link there to elsewhere): the rule of
+    `fakd-deploy predict` (RunFolder.inside), in its words."""
+    path = out / name
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise Refused(f"'{name}' leads outside the folder {out}")
+    return path
+
+
 def outputs_of(images: list[Path], out: Path, inputs: list[Path]) -> list[tuple[Path, Path]]:
-    """(labels, overlay) per image, refused up front when two images share a stem or an
-    output would replace an input (the same file, through any name or link)."""
+    """(labels, overlay) per image, refused up front when two images share a stem, an output
+    leads out of `out`, or it would replace an input (the same file, through any name or link)."""
     stems: dict[str, Path] = {}
     for image in images:
         if image.stem in stems:
@@ -255,12 +269,35 @@ def outputs_of(images: list[Path], out: Path, inputs: list[Path]) -> list[tuple[
                 "rename one or run them into different --out folders"
             )
         stems[image.stem] = image
-    pairs = [(out / f"{stem}.labels.png", out / f"{stem}.overlay.png") for stem in stems]
+    pairs = [(inside(out, f"{stem}.labels.png"), inside(out, f"{stem}.overlay.png")) for stem in stems]
     for output in (path for pair in pairs for path in pair if path.exists()):
         for source in inputs:
             if os.path.samefile(output, source):
                 raise Refused(f"writing {output} would overwrite the input {source}; choose another --out")
     return pairs
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write `path` through a hidden temporary file beside it, renamed into place: a failure
+    or a signal leaves the previous file (or none), never a truncated one, and a link at
+    `path` is replaced, not written through."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    try:
+        with open(tmp, "xb") as handle:  # O_EXCL: never an existing file or link
+            image.save(handle, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def stop(signum: int, frame: Any) -> None:
+    """SIGTERM or SIGHUP as Ctrl-C: raised, so the temporary file being written is removed;
+    later signals are ignored while that happens."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as error:
         print(f"error: {CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(error))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stopped:
+        print(f"interrupted: {stopped}" if str(stopped) else "interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -284,8 +324,9 @@ def masks(source: Path, out: Path, alpha: float) -> None:
     if out.exists() and not out.is_dir():
         raise Refused(f"--out {out} is a file; masks go into a folder")
     spec = json.loads((HERE / "preprocess.json").read_text())
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    for entry in json.loads((HERE / "palette.json").read_text())["classes"]:
+    classes = json.loads((HERE / "palette.json").read_text())["classes"]
+    colours = np.zeros((max([256, *(entry["id"] + 1 for entry in classes)]), 3), dtype=np.uint8)
+    for entry in classes:
         colours[entry["id"]] = entry["rgb"]
     model = HERE / spec["model"]
     images = images_of(source)
@@ -295,12 +336,17 @@ def masks(source: Path, out: Path, alpha: float) -> None:
     for path, (labels_path, overlay_path) in zip(images, outputs, strict=True):
         image = open_image(path)
         labels = predict(run, np.asarray(image), spec)
+        if labels.max() > 255:  # a model of more than 256 classes: no wrapped ids
+            raise Refused(f"class id {labels.max()} does not fit an 8-bit label PNG")
         mask = Image.fromarray(labels.astype(np.uint8))
-        mask.putpalette(colours.flatten().tolist())
-        mask.save(labels_path)
-        Image.blend(image, Image.fromarray(colours[labels]), alpha).save(overlay_path)
+        mask.putpalette(colours[:256].flatten().tolist())
+        save_png(mask, labels_path)
+        save_png(Image.blend(image, Image.fromarray(colours[labels]), alpha), overlay_path)
         print(labels_path)
 
 
 if __name__ == "__main__":
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # one ignored at start (nohup) stays so
+            signal.signal(sig, stop)
     sys.exit(main())

@@ -41,6 +41,7 @@ from fakd_deploy.deploy.onnx_meta import write_metadata
 from fakd_deploy.errors import ArtifactError, ExportError, error_summary
 from fakd_deploy.models import Checkpoint
 from fakd_deploy.recipe import Recipe
+from fakd_deploy.runfolder import held_around
 from fakd_deploy.utils import atomic_write, file_sha256, not_an_input, text_sha256
 
 log = logging.getLogger(__name__)
@@ -458,11 +459,12 @@ def export_checkpoint(
     recipe = recipe_of(checkpoint, overrides or [])
     cfg = recipe.deploy.export
     height, width = export_size(recipe)
-    return export_onnx(
-        checkpoint,
-        out,
-        height,
-        width,
-        **cfg.model_dump(exclude={"variant", "height", "width"}),
-        parity_batches=splits.ValBatches(recipe.data, max_images=PARITY_IMAGES),
-    )
+    with held_around(out):
+        return export_onnx(
+            checkpoint,
+            out,
+            height,
+            width,
+            **cfg.model_dump(exclude={"variant", "height", "width"}),
+            parity_batches=splits.ValBatches(recipe.data, max_images=PARITY_IMAGES),
+        )

@@ -53,8 +53,8 @@ def _decode(key: str, value: str) -> Any:
         return value
     try:
         return json.loads(value)
-    except ValueError:
-        return value  # written by another tool
+    except (ValueError, RecursionError):
+        return value  # written by another tool, or nested too deeply: its checks name it
 
 
 def model_metadata(model: onnx.ModelProto, path: str | Path = "the model") -> dict[str, Any]:

@@ -13,14 +13,18 @@ bundle; nothing is written outside it. An existing `--out` is replaced only when
 empty or holds nothing but an earlier bundle: its `bundle.json` as `package` writes it and
 the files that lists, unchanged. Anything else in it (masks `infer.py` wrote there, the
 engine nvinfer built beside its config, an edited file) is the user's, so the folder is
-refused by name instead. Inside the run folder the bundle goes to `RUN/bundle`, under the
-run folder's lock.
+refused by name instead. The earlier bundle is checked before anything moves; then it is
+set aside (`.NAME.<random>.tmp.old`) and the new one renamed in, and any failure or signal
+puts it back. One a kill -9 left set aside is put back by the next `package` when `--out`
+is missing, and removed once a new bundle is in place. Inside the run folder the bundle
+goes to `RUN/bundle`, under the run folder's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,9 +46,9 @@ from fakd_deploy.deploy.inputs import graph_input, pixels_from_normalised
 from fakd_deploy.deploy.onnx_meta import load_onnx
 from fakd_deploy.deploy.predict import colours_of
 from fakd_deploy.errors import ArtifactError, BadInput, StageFailed
-from fakd_deploy.inputs import MAX_YAML_BYTES, read_text
+from fakd_deploy.inputs import MAX_YAML_BYTES, parse_json, read_text
 from fakd_deploy.runfolder import RunFolder, RunLock
-from fakd_deploy.utils import file_sha256
+from fakd_deploy.utils import file_sha256, no_links
 
 MARKER = "bundle.json"
 MANIFEST_KEYS = ("fakd_deploy_version", "run", "model", "backend", "chosen_by", "checks", "files")
@@ -55,6 +59,9 @@ PROBABILITY_TOLERANCE = 1e-4
 ONNX_TYPES = {1: "float32", 10: "float16", 2: "uint8", 6: "int32", 7: "int64"}
 TRT_TYPES = {"FLOAT": "float32", "HALF": "float16", "UINT8": "uint8", "INT32": "int32", "INT64": "int64"}
 INFER_TEMPLATE = Path(__file__).with_name("bundle_infer.py")
+PNG_CLASSES = 256  # what an 8-bit label PNG (infer.py's, predict's) can hold
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,8 @@ def read_choice(run: RunFolder) -> Picked:
     """`deploy/choice.json` as `bench --pick` writes it: `file` (relative to the run folder),
     `backend` and `sha256` of the chosen model; the file must still be that file."""
     path = run.deploy / CHOICE
-    try:
-        choice = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise BadInput(f"{path} cannot be read as JSON: {error}") from None
+    remedy = f"; pick again with `fakd-deploy bench {run.root} --pick`"
+    choice = parse_json(read_text(no_links(path), "choice", MAX_YAML_BYTES), str(path), remedy=remedy)
     if not isinstance(choice, dict) or not isinstance(choice.get("file"), str):
         raise BadInput(f"{path}: expected a mapping with 'file', 'backend' and 'sha256'")
     try:
@@ -163,7 +168,7 @@ def written_files(marker: Path, out: Path) -> dict[str, str]:
     text = read_text(marker, "bundle manifest", MAX_YAML_BYTES)
     try:
         manifest = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not the JSON `package` writes, said below
         manifest = None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (
@@ -210,31 +215,85 @@ def check_replaceable(folder: Path, out: Path) -> None:
             )
 
 
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry below `folder` with its size and modification time: cheap to compare, so a
+    file written after the (hashing) check is seen without hashing again."""
+    found = {}
+    for root, dirs, names in os.walk(folder):
+        for name in [*dirs, *names]:
+            info = os.lstat(os.path.join(root, name))
+            found[os.path.relpath(os.path.join(root, name), folder)] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def set_aside(out: Path) -> list[Path]:
+    """Earlier bundles that a killed `package` left beside `out` (`staged`'s `.old` names)."""
+    name = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp\.old$")
+    found = (path for path in out.parent.iterdir() if name.match(path.name))
+    return sorted(path for path in found if path.is_dir() and not path.is_symlink())
+
+
+def recover(out: Path) -> list[Path]:
+    """Put back the bundle a kill left set aside when `out` is missing (so that a failure of
+    this run still leaves it at `out`); the set-aside bundles left when `out` is there."""
+    found = set_aside(out)
+    if not found or os.path.lexists(out):
+        return found
+    if len(found) > 1:
+        raise BadInput(
+            f"--out {out} is missing and interrupted runs left {len(found)} earlier bundles beside it "
+            f"({', '.join(p.name for p in found)}): rename the one to keep to {out.name}"
+        )
+    found[0].rename(out)
+    return []
+
+
+def remove_set_aside(found: list[Path], out: Path) -> None:
+    """Delete the bundles a kill left set aside, now that a new one is at `out`; one holding
+    anything the bundle did not write is the user's, and kept."""
+    for path in found:
+        try:
+            check_replaceable(path, out)
+        except BadInput as why:
+            log.warning("%s was kept: %s", path, why)
+            continue
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A new folder beside `out`, renamed to `out` when the block succeeds, removed otherwise.
 
-    An existing `out` is moved aside and checked again before it is deleted, so a file put
-    into it while the bundle was being built is not lost with it."""
+    An existing `out` is checked (hashed) before anything moves, so the swap itself is two
+    renames, and any failure or signal (`Stopped`, `Interrupted`) puts it back. If anything
+    was written into it between the check and the swap, it is checked again and, unless
+    still replaceable, put back, so nothing written into it while the bundle was built is lost."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    found = recover(out)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = Path(f"{stage}.old")
     try:
         yield stage
-        old = None
+        checked = None
         if out.exists():
-            old = out.with_name(f"{stage.name}.old")
+            checked = listing(out)  # taken first: what is written while it is hashed shows too
+            check_replaceable(out, out)
             out.rename(old)
+        stage.rename(out)
+        if checked is not None and listing(old) != checked:
             try:
                 check_replaceable(old, out)
             except BadInput:
-                old.rename(out)
+                out.rename(stage)
                 raise
-        stage.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
     finally:
+        if old.exists() and not os.path.lexists(out):
+            old.rename(out)  # any failure or signal: the previous bundle back at --out
         if stage.exists():
             shutil.rmtree(stage)
+    if old.exists():
+        shutil.rmtree(old)
+    remove_set_aside(found, out)
 
 
 def _copy(source: Path, stage: Path, *parts: str) -> str:
@@ -443,6 +502,12 @@ def _write_bundle(run: RunFolder, picked: Picked, out: Path) -> dict[str, Any]:
                 shipped[_copy(extra, stage, extra.name)] = what
         spec["rebuild_from"] = rebuild.name if rebuild.is_file() else None
         names = info.class_names or [f"class_{i}" for i in range(info.num_classes or 0)]
+        if len(names) > PNG_CLASSES:
+            notes.append(
+                f"This model has {len(names)} classes; `infer.py` (like `fakd-deploy predict`) writes "
+                f"8-bit label PNGs, so an image where a class id above {PNG_CLASSES - 1} wins is refused "
+                "(exit 2) rather than written wrong."
+            )
         colours = colours_of(artifact, max(len(names), 1))
         (stage / "labels.txt").write_text("".join(f"{n}\n" for n in names))
         shipped["labels.txt"] = "class names, one per line, in class-id order"

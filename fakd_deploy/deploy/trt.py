@@ -25,7 +25,6 @@ both machines. GPU memory, the stream and the copies go through cuda-python.
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 
 from fakd_deploy.deploy import cuda
 from fakd_deploy.errors import ArtifactError, BackendUnavailable, BuildError
-from fakd_deploy.inputs import read_bounded
+from fakd_deploy.inputs import parse_json, read_bounded
 from fakd_deploy.predictor import as_prediction, pad_to_batch, run_fixed_batch
 from fakd_deploy.utils import atomic_write, file_sha256, save_json
 
@@ -278,12 +277,7 @@ def load_sidecar(engine: str | Path) -> dict[str, Any]:
             "unknown; rebuild it with `fakd-deploy build`"
         )
     data = read_bounded(path, "engine sidecar", MAX_SIDECAR_BYTES, ArtifactError)  # a regular file only
-    try:
-        sidecar = json.loads(data)
-    except ValueError as error:  # UnicodeDecodeError included
-        raise ArtifactError(
-            f"{path} is not valid JSON ({type(error).__name__}): rebuild the engine"
-        ) from None
+    sidecar = parse_json(data, str(path), ArtifactError, remedy=": rebuild the engine")
     if not isinstance(sidecar, dict):
         raise ArtifactError(
             f"{path} holds a JSON {type(sidecar).__name__}, not an object: rebuild the engine"
