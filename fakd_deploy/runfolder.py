@@ -179,7 +179,7 @@ def written_here(mark: Path) -> bool:
 def enclosing_run(path: Path) -> Path | None:
     """The run folder that `path` lies inside (never `path` itself), if any."""
     for parent in path.resolve().parents:
-        if all((parent / mark).is_file() for mark in RUN_MARKS):
+        if all((parent / mark).is_file() for mark in RUN_MARKS) and written_here(parent / "manifest.json"):
             return parent
     return None
 
@@ -214,7 +214,7 @@ def prepare_root(root: Path, marks: tuple[str, ...] = RUN_MARKS) -> None:
         foreign = [mark for mark in present if not written_here(root / mark)]
         if entries and foreign == present:
             raise BadInput(
-                f"--out {root} already holds files and is not a fakd-deploy run folder: its "
+                f"--out {root} already holds files and is not a folder fakd-deploy wrote: its "
                 f"{foreign[0]} is not one fakd-deploy writes (a mapping with "
                 f"{', '.join(MARK_FIELDS[foreign[0]])}); give a new or empty folder"
             )

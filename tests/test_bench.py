@@ -525,7 +525,7 @@ def test_a_report_inside_a_run_folder_waits_for_that_folders_writer(run: Path, t
     around = tmp_path / "q"
     around.mkdir()
     (around / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
-    (around / "manifest.json").write_text("{}")
+    (around / "manifest.json").write_text('{"version": 2, "stages": {}}')
     files = [run / "deploy" / "baseline.onnx"]
     with RunLock(RunFolder(around)), pytest.raises(RunFolderBusy, match=f"{around}.*pid {os.getpid()}"):
         bench(files, out=around / "cpu-report", iters=2, warmup_s=0.0, max_images=4)

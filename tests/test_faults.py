@@ -1245,7 +1245,7 @@ def test_sigterm_during_bench_exits_130_and_keeps_the_report(
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").write_text("the previous report")
-    (report / "report.json").write_text("{}")
+    (report / "report.json").write_text('{"header": {}, "rows": []}')
     command = [
         sys.executable,
         str(Path(__file__).resolve().parents[1] / "cli.py"),
