@@ -84,12 +84,13 @@ def evaluate_file(
         "class_names": data.class_names,
     }
     if json_out is not None:
-        written = [save_json(result, json_out)]
-        if has_matplotlib():
-            title = f"{model.name}: confusion matrix, rows normalised ({cfg.data.name} {data.split})"
-            figure = confusion_figure(result["confusion_matrix"], data.class_names, title)
-            picture = png_bytes(figure)
-            written.append(atomic_write(confusion_png(json_out), lambda tmp: tmp.write_bytes(picture)))
+        with held_around(json_out):
+            written = [save_json(result, json_out)]
+            if has_matplotlib():
+                title = f"{model.name}: confusion matrix, rows normalised ({cfg.data.name} {data.split})"
+                figure = confusion_figure(result["confusion_matrix"], data.class_names, title)
+                picture = png_bytes(figure)
+                written.append(atomic_write(confusion_png(json_out), lambda tmp: tmp.write_bytes(picture)))
         result["written"] = [str(path) for path in written]
     return result
 

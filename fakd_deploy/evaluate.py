@@ -156,4 +156,9 @@ def evaluate(
             progress.advance(task)
     if images_seen == 0:
         raise DatasetError("nothing to evaluate: the split (or --max-images) gives no images")
+    if matrix.mat.sum() == 0:  # an mIoU of NaN would be kept as a score, and is not JSON
+        raise DatasetError(
+            f"nothing to evaluate: every pixel of the {images_seen} image(s) is the ignore label "
+            f"{ignore_index}, so no class can be scored"
+        )
     return {**matrix.compute(), "mode": mode.describe(), "num_classes": num_classes, "images": images_seen}

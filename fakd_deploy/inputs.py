@@ -40,14 +40,21 @@ def class_names_problem(names: object) -> str | None:
     if len(names) > MAX_CLASSES:
         return f"lists {len(names)} classes; the limit is {MAX_CLASSES}"
     for index, name in enumerate(names):
-        if not (isinstance(name, str) and 1 <= len(name) <= MAX_NAME_CHARS and name.isprintable()):
+        if not (
+            isinstance(name, str) and 1 <= len(name) <= MAX_NAME_CHARS and name.isprintable() and name.strip()
+        ):
             shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
             return f"has {shown} at {index}: a class name is text of 1-{MAX_NAME_CHARS} printable characters"
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # by the name without its outer spaces: "a" and "a " look alike in a table
     for name in names:
-        if name in seen:
-            return f"names {name!r} twice"
-        seen.add(name)
+        if name.strip() in seen:
+            earlier = seen[name.strip()]
+            return (
+                f"names {name!r} twice"
+                if earlier == name
+                else f"names {earlier!r} and {name!r}, which look alike"
+            )
+        seen[name.strip()] = name
     return None
 
 

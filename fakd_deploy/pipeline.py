@@ -79,6 +79,7 @@ def teacher_inputs(s: Session) -> dict[str, Any]:
         "teacher.weights_import": cfg.weights_import,
         "seed": s.recipe.seed,
         "class names": s.class_names,
+        "eval": s.recipe.eval,  # it picks the step best.pt holds
     }
     if cfg.weights:
         inputs["teacher.weights"] = Path(cfg.weights)
@@ -114,7 +115,8 @@ def train_teacher(s: Session) -> Path:
             )
             metrics = fit(distiller, job, resume=attempt.resume)
         # a teacher's weights depend on the thread count: a study's scores file records it
-        return [attempt.folder / "best.pt"], {**_summary(metrics), "threads": torch.get_num_threads()}
+        outputs = [attempt.folder / "best.pt", attempt.folder / "last.pt"]  # a study scores last.pt
+        return outputs, {**_summary(metrics), "threads": torch.get_num_threads()}
 
     s.stage("teacher", teacher_inputs(s), work, folder=s.run.teacher)
     return s.run.teacher / "best.pt"
@@ -175,7 +177,8 @@ def train_student(s: Session, variant: str, seed: int, teacher: Path | None) -> 
             f"{variant} s{seed}",
             {"role": "student", "variant": variant, "seed": seed},
         )
-        return [attempt.folder / "best.pt"], _summary(fit(distiller, job, resume=attempt.resume))
+        metrics = _summary(fit(distiller, job, resume=attempt.resume))
+        return [attempt.folder / "best.pt", attempt.folder / "last.pt"], metrics  # a study scores last.pt
 
     s.stage(student_stage(variant, seed), student_inputs(s, variant, seed, teacher), work, folder=folder)
     return folder / "best.pt"
@@ -191,6 +194,7 @@ def student_inputs(s: Session, variant: str, seed: int, teacher: Path | None) ->
         "student.train": cfg.train,
         f"student.variants.{variant}": [t.model_dump() for t in terms],
         "seed": seed,
+        "eval": s.recipe.eval,  # it picks the step best.pt holds
     }
     if terms and teacher:
         inputs["teacher"] = teacher

@@ -176,19 +176,22 @@ def written_here(mark: Path) -> bool:
     return isinstance(data, dict) and all(key in data for key in MARK_FIELDS[mark.name])
 
 
-def enclosing_run(path: Path) -> Path | None:
-    """The run folder that `path` lies inside (never `path` itself), if any."""
-    for parent in path.resolve().parents:
-        if all((parent / mark).is_file() for mark in RUN_MARKS) and written_here(parent / "manifest.json"):
-            return parent
+def enclosing_run(path: Path, itself: bool = False) -> Path | None:
+    """The run folder that `path` lies inside (or is, with `itself`), if any: a folder whose
+    `manifest.json` fakd-deploy wrote, from the moment a run starts."""
+    resolved = path.resolve()
+    for folder in [resolved, *resolved.parents] if itself else resolved.parents:
+        if (folder / "manifest.json").is_file() and written_here(folder / "manifest.json"):
+            return folder
     return None
 
 
 @contextlib.contextmanager
-def held_around(path: Path) -> Iterator[None]:
+def held_around(path: Path, itself: bool = False) -> Iterator[None]:
     """Hold the run folder `path` is written into, when it lies inside one (`export --out
-    runs/q/deploy/x.onnx`, a build beside a run's model): one writer per run folder."""
-    around = enclosing_run(path)
+    runs/q/deploy/x.onnx`, a build beside a run's model, with `itself` a folder `predict`
+    writes into): one writer per run folder."""
+    around = enclosing_run(path, itself)
     with RunLock(RunFolder(around)) if around is not None else contextlib.nullcontext():
         yield
 
@@ -452,15 +455,17 @@ class Manifest:
     def is_done(self, name: str, key: str) -> bool:
         """Finished with this key, and every output present here with its recorded hash."""
         entry = self.entry(name)
-        if entry.get("key") != key or not entry.get("done"):
-            return False
-        for relative, sha in entry.get("outputs", {}).items():
+        return entry.get("key") == key and bool(entry.get("done")) and not self.damaged(name)
+
+    def damaged(self, name: str) -> list[str]:
+        """The recorded outputs of a stage that are missing here or not the files it wrote."""
+        found = []
+        for relative, sha in self.entry(name).get("outputs", {}).items():
+            outside = Path(relative).is_absolute() or ".." in Path(relative).parts
             path = self.run.root / relative
-            if Path(relative).is_absolute() or ".." in Path(relative).parts:
-                return False
-            if not no_links(path).is_file() or file_sha256(path) != sha:
-                return False
-        return True
+            if outside or not no_links(path).is_file() or file_sha256(path) != sha:
+                found.append(relative)
+        return found
 
     def attempt(self, name: str) -> tuple[str, bool] | None:
         """The unfinished attempt's key and whether it works in `<folder>.next`, if any."""

@@ -151,12 +151,17 @@ class Session:
                 staged = folder is not None and self.run.next_folder(folder).is_dir()
                 if staged or not attempt[1]:
                     return Plan("resume", staging=staged)
-            if entry.get("done") and entry.get("key") == key:
-                log.info(f"redo {name}: an output is missing or damaged")
+            if entry.get("done") and entry.get("key") == key and self.recovers(name, folder):
                 return Plan("resume")
+        # Any other output that is missing or not the file the stage wrote (a damaged last.pt,
+        # another run's best.pt) means the stage is redone from its start: resumed from last.pt,
+        # training would keep whatever best.pt holds.
+        redone = self.force or self.redoes(name)
+        damaged = bool(entry.get("done")) and entry.get("key") == key and not redone
         staging = folder is not None and has_content(folder)
         if entry:
-            log.info(self.redo_line(name, entry, record, folder if staging else None))
+            why = "an output is missing or damaged" if damaged else self.why(entry, record, name)
+            log.info(self.redo_line(name, why, folder if staging else None))
         if folder is not None:
             for leftover in (self.run.next_folder(folder), *([] if staging else [folder])):
                 if os.path.lexists(leftover):
@@ -164,9 +169,27 @@ class Session:
         manifest.begin(name, key, record, staging)
         return Plan("fresh", staging)
 
-    def redo_line(self, name: str, entry: dict[str, Any], record: dict[str, Any], kept: Path | None) -> str:
+    def recovers(self, name: str, folder: Path | None) -> bool:
+        """A training stage whose only missing or changed output is `best.pt`, beside its
+        `last.pt`: the final weights are scored and saved as `best.pt` again (a changed one is
+        removed first, never kept), and nothing retrains."""
+        assert self.manifest is not None
+        damaged = self.manifest.damaged(name)
+        if folder is None or not damaged or not (folder / "last.pt").is_file():
+            return False
+        if any(Path(relative).name != "best.pt" for relative in damaged):
+            return False
+        log.info(
+            f"redo {name}: {', '.join(damaged)} is missing or not the file it wrote; recovered from last.pt"
+        )
+        for relative in damaged:
+            if os.path.lexists(self.run.root / relative):
+                self.run.remove(self.run.root / relative)
+        return True
+
+    def redo_line(self, name: str, why: str, kept: Path | None) -> str:
         """One line: why the stage is redone, and where its previous outputs are meanwhile."""
-        line = f"redo {name}: {self.why(entry, record, name)}"
+        line = f"redo {name}: {why}"
         if kept is not None:
             line += (
                 f"; the previous outputs stay in {self.run.relative(kept)}/ until the new ones are "

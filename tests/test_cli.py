@@ -136,14 +136,52 @@ def test_a_moved_copy_resumes_and_rebuilds_only_what_is_damaged(tiny_run: Path, 
 
 
 @pytest.mark.slow
+def test_a_replaced_or_damaged_checkpoint_is_never_adopted(tiny_run: Path, tmp_path: Path) -> None:
+    """Before: a best.pt copied over from another student, or a truncated one, was kept by a
+    resume at the final step and recorded as the stage's output (a wrong mIoU with exit 0, or
+    exit 2 on every later rerun)."""
+    from fakd_deploy.models import Checkpoint
+    from fakd_deploy.study_scores import weights_digest
+
+    copy = shutil.copytree(tiny_run, tmp_path / "copy")
+    students = copy / "students"
+    shutil.copy(students / "baseline_s0" / "best.pt", students / "kd_s0" / "best.pt")
+    last = students / "fakd_kd_s0" / "last.pt"
+    last.write_bytes(last.read_bytes()[:100_000])
+    output = invoke("run", TINY, "--out", copy)
+    assert (
+        "redo student:kd_s0: students/kd_s0/best.pt is missing or not the file it wrote; recovered" in output
+    )
+    assert "redo student:fakd_kd_s0: an output is missing or damaged" in output
+    assert Checkpoint.load(students / "kd_s0" / "best.pt").variant == "kd"
+    # training is deterministic: fakd_kd_s0 retrained to the files of the first run (kd_s0's best.pt
+    # is its final weights now, as for a deleted best.pt)
+    for file in ("students/fakd_kd_s0/best.pt", "students/fakd_kd_s0/last.pt", "students/kd_s0/last.pt"):
+        assert weights_digest(copy / file) == weights_digest(tiny_run / file)
+    again = invoke("run", TINY, "--out", copy)
+    assert "ran 0 stage(s)" in again
+
+
+@pytest.mark.slow
+def test_another_evaluation_mode_retrains_what_it_chose_the_best_step_of(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """Before: "up to date", keeping best.pt files chosen under the earlier `eval`."""
+    copy = shutil.copytree(tiny_run, tmp_path / "copy")
+    output = invoke("train", TINY, "--out", copy, "--role", "teacher", "--set", "eval.flip=true")
+    assert "redo teacher: eval.flip false -> true" in output
+
+
+@pytest.mark.slow
 def test_train_distill_evaluate_export_build_bench_predict(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "steps"
     teacher = invoke("train", TINY, "--out", out, "--role", "teacher").splitlines()
     assert teacher[:2] == [f"run folder {out}: new", "will run: teacher; up to date: nothing"]
-    assert teacher[-4:] == [
+    assert teacher[-5:] == [
         "ran 1 stage(s), skipped 0 up to date",
-        f"wrote 1 file in {out}:",
+        f"wrote 2 files in {out}:",
         "  teacher/best.pt",
+        "  teacher/last.pt",  # recorded too: a study scores it, and a damaged one is retrained
         f"done: {out}",
     ]
     baseline = invoke("train", TINY, "--out", out, "--role", "baseline").splitlines()

@@ -227,6 +227,39 @@ def test_missing_split_names_path(tmp_path: Path) -> None:
         build_dataset("cityscapes", tmp_path, "val")
 
 
+@pytest.mark.parametrize(
+    ("listing", "named"),
+    [
+        ("", "train.txt lists no image/label pairs"),
+        (
+            "a.png b.png\n../val/x.png ../valannot/x.png\n",
+            "line 2 ('../val/x.png ../valannot/x.png') leads outside",
+        ),
+        ("a.png b.png\nc.png d.png\na.png b.png\n", "line 3 repeats line 1 ('a.png b.png')"),
+        ("a.png b.png extra\n", "line 1 ('a.png b.png extra') must name an image and its label"),
+        ("a.png\n", "line 1 ('a.png') must name an image and its label"),
+    ],
+)
+def test_a_split_list_is_read_within_its_folder_and_each_pair_once(
+    tmp_path: Path, listing: str, named: str
+) -> None:
+    """Before: `../` paths were followed out of the root (train/val leakage), repeated and extra
+    columns were taken silently, and an empty list named no file."""
+    (tmp_path / "train.txt").write_text(listing)
+    with pytest.raises(DatasetError, match=re.escape(named)):
+        build_dataset("camvid", tmp_path, "train")
+
+
+def test_a_split_list_with_a_byte_order_mark_reads_its_first_path(tmp_path: Path) -> None:
+    from fakd_deploy.data.datasets import listed_pairs
+
+    (tmp_path / "train.txt").write_text("\ufeffa.png b.png\r\nc.png d.png\r\n", encoding="utf-8")
+    assert listed_pairs(tmp_path, tmp_path / "train.txt") == [
+        (tmp_path / "a.png", tmp_path / "b.png"),
+        (tmp_path / "c.png", tmp_path / "d.png"),
+    ]
+
+
 def test_bad_name_option_or_root() -> None:
     with pytest.raises(DatasetError, match="camvid"):
         build_dataset("camvidd", "x", "train")
@@ -360,6 +393,8 @@ def test_a_special_file_in_a_dataset_is_named_not_read(tmp_path: Path) -> None:
         ("[sky, 3]\n", "has 3 at 1"),
         ("[sky, '']\n", "has '' at 1"),
         ("[sky, road, sky]\n", "names 'sky' twice"),
+        ("[sky, road, 'sky ']\n", "names 'sky' and 'sky ', which look alike"),
+        ("[sky, '   ']\n", "has '   ' at 1"),
         ("[]\n", "is not a list of class names"),
     ],
 )

@@ -147,6 +147,14 @@ def test_variant_summary_matches_numpy() -> None:
     assert summary["teacher"]["std"] is None and summary["teacher"]["mean"] == 51.0
 
 
+def test_a_split_without_a_labelled_pixel_is_an_error_not_nan() -> None:
+    # before: "mIoU nan", exit 0, NaN written into the --json file and kept as a best score
+    masks = np.full((2, 16, 20), 255)
+    batches = [(np.zeros((2, 3, 16, 20), dtype=np.float32), masks)]
+    with pytest.raises(DatasetError, match=r"every pixel of the 2 image\(s\) is the ignore label 255"):
+        evaluate(lambda x: np.zeros((len(x), 3, 16, 20), dtype=np.float32), batches, num_classes=3)
+
+
 def test_nothing_to_evaluate_is_an_error_not_nan() -> None:
     with pytest.raises(DatasetError, match="nothing to evaluate"):
         evaluate(ChannelPredictor(), [], 3)

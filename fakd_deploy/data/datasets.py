@@ -28,15 +28,26 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def listed_pairs(root: Path, listing: Path) -> list[tuple[Path, Path]]:
-    """`image label` pairs, one per line, relative to root (the SegNet/CamVid list format)."""
-    pairs = []
-    for line in read_list(require_split(listing, "split list")).splitlines():
-        if line.strip():
-            if len(line.split()) < 2:
-                raise DatasetError(f"{listing}: line {line!r} must name an image and its label")
-            image, label = line.split()[:2]
-            pairs.append((root / image.lstrip("/"), root / label.lstrip("/")))
-    return pairs
+    """`image label` pairs, one per line, relative to root (the SegNet/CamVid list format).
+
+    Each path stays inside the root (a `../val/x.png` in a train list would leak validation
+    images into training), and each pair is listed once."""
+    pairs: dict[tuple[Path, Path], int] = {}
+    text = read_list(require_split(listing, "split list")).removeprefix("\ufeff")  # a BOM
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(line.split()) != 2:
+            raise DatasetError(f"{listing}: line {number} ({line!r}) must name an image and its label")
+        image, label = (Path(part.lstrip("/")) for part in line.split())
+        if ".." in image.parts or ".." in label.parts:
+            raise DatasetError(f"{listing}: line {number} ({line!r}) leads outside the dataset folder {root}")
+        if (image, label) in pairs:
+            raise DatasetError(f"{listing}: line {number} repeats line {pairs[image, label]} ({line!r})")
+        pairs[image, label] = number
+    if not pairs:
+        raise DatasetError(f"{listing} lists no image/label pairs")
+    return [(root / image, root / label) for image, label in pairs]
 
 
 class CamVid(SegmentationDataset):

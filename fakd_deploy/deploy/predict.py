@@ -21,7 +21,7 @@ from fakd_deploy.data.datasets import IMAGE_SUFFIXES
 from fakd_deploy.deploy.runtime import backend_for, open_predictor
 from fakd_deploy.errors import BadInput
 from fakd_deploy.palette import beside, legend, palette_for, present_classes
-from fakd_deploy.runfolder import RunFolder
+from fakd_deploy.runfolder import RunFolder, held_around
 from fakd_deploy.suggest import path_hint
 from fakd_deploy.utils import atomic_write
 
@@ -127,17 +127,18 @@ def predict(
     predictor, info = open_predictor(artifact, backend, device, threads)
     colours = colours_of(artifact)
     written = []
-    for image_path, (labels_path, overlay_path) in zip(files, names, strict=True):
-        image = open_image(image_path).convert("RGB")
-        out = predictor(info.normalise(np.asarray(image))[None])
-        labels = (out.argmax(1) if out.ndim == 4 else out)[0]
-        if labels.max() > 255:
-            raise BadInput(f"class id {labels.max()} does not fit an 8-bit label PNG")
-        label_png = Image.fromarray(labels.astype(np.uint8))  # "L"; the palette makes it "P"
-        label_png.putpalette(colours.flatten().tolist())
-        written.append(_save_png(label_png, labels_path))
-        if overlay:
-            blended = Image.blend(image, Image.fromarray(colours[labels]), alpha)
-            key = legend(present_classes(labels, colours, info.class_names))
-            written.append(_save_png(beside(blended, key), overlay_path))
+    with held_around(out_dir, itself=True):  # predictions written into a run folder: its one writer
+        for image_path, (labels_path, overlay_path) in zip(files, names, strict=True):
+            image = open_image(image_path).convert("RGB")
+            out = predictor(info.normalise(np.asarray(image))[None])
+            labels = (out.argmax(1) if out.ndim == 4 else out)[0]
+            if labels.max() > 255:
+                raise BadInput(f"class id {labels.max()} does not fit an 8-bit label PNG")
+            label_png = Image.fromarray(labels.astype(np.uint8))  # "L"; the palette makes it "P"
+            label_png.putpalette(colours.flatten().tolist())
+            written.append(_save_png(label_png, labels_path))
+            if overlay:
+                blended = Image.blend(image, Image.fromarray(colours[labels]), alpha)
+                key = legend(present_classes(labels, colours, info.class_names))
+                written.append(_save_png(beside(blended, key), overlay_path))
     return written
