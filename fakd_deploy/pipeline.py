@@ -115,7 +115,8 @@ def train_teacher(s: Session) -> Path:
             )
             metrics = fit(distiller, job, resume=attempt.resume)
         # a teacher's weights depend on the thread count: a study's scores file records it
-        outputs = [attempt.folder / "best.pt", attempt.folder / "last.pt"]  # a study scores last.pt
+        last = attempt.folder / "last.pt"  # a study scores it; adopted weights have none
+        outputs = [attempt.folder / "best.pt", *([last] if last.is_file() else [])]
         return outputs, {**_summary(metrics), "threads": torch.get_num_threads()}
 
     s.stage("teacher", teacher_inputs(s), work, folder=s.run.teacher)

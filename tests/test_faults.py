@@ -660,6 +660,15 @@ def test_commands_writing_into_a_held_run_folder_wait_for_its_writer(
     assert cli("predict", artifacts["onnx"], image, "--out", run / "masks").exit_code == 0
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('{"rows": [{"model": "x", "status": "weird"}]}', "'weird' is not a valid Status"),
+        ('{"rows": [1]}', "is not a report fakd-deploy writes"),
+        ("[1, 2]", "is not a report fakd-deploy writes"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON (it nests too deeply)"),
+    ],
+)
 def test_a_report_read_back_by_run_is_checked(tmp_path: Path, text: str, named: str) -> None:
     """What `run` reads back of its bench stage (the manifest's hash can be edited too).
     Before: ValueError and RecursionError tracebacks."""
