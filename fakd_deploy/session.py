@@ -143,24 +143,25 @@ class Session:
         manifest, entry = self.manifest, self.manifest.entry(name)
         if folder is not None:
             no_links(folder)
-        if not (self.force or self.redoes(name)):
-            if manifest.is_done(name, key):
+        redone = self.force or self.redoes(name)
+        finished = bool(entry.get("done")) and entry.get("key") == key and not redone
+        damaged = manifest.damaged(name) if finished else []  # each output hashed once
+        if not redone:
+            if finished and not damaged:
                 return Plan("skip")
             attempt = manifest.attempt(name)
             if attempt is not None and attempt[0] == key:
                 staged = folder is not None and self.run.next_folder(folder).is_dir()
                 if staged or not attempt[1]:
                     return Plan("resume", staging=staged)
-            if entry.get("done") and entry.get("key") == key and self.recovers(name, folder):
+            if finished and self.recovers(name, folder, damaged):
                 return Plan("resume")
         # Any other output that is missing or not the file the stage wrote (a damaged last.pt,
         # another run's best.pt) means the stage is redone from its start: resumed from last.pt,
         # training would keep whatever best.pt holds.
-        redone = self.force or self.redoes(name)
-        damaged = bool(entry.get("done")) and entry.get("key") == key and not redone
         staging = folder is not None and has_content(folder)
         if entry:
-            why = "an output is missing or damaged" if damaged else self.why(entry, record, name)
+            why = "an output is missing or damaged" if finished else self.why(entry, record, name)
             log.info(self.redo_line(name, why, folder if staging else None))
         if folder is not None:
             for leftover in (self.run.next_folder(folder), *([] if staging else [folder])):
@@ -169,12 +170,10 @@ class Session:
         manifest.begin(name, key, record, staging)
         return Plan("fresh", staging)
 
-    def recovers(self, name: str, folder: Path | None) -> bool:
+    def recovers(self, name: str, folder: Path | None, damaged: list[str]) -> bool:
         """A training stage whose only missing or changed output is `best.pt`, beside its
         `last.pt`: the final weights are scored and saved as `best.pt` again (a changed one is
         removed first, never kept), and nothing retrains."""
-        assert self.manifest is not None
-        damaged = self.manifest.damaged(name)
         if folder is None or not damaged or not (folder / "last.pt").is_file():
             return False
         if any(Path(relative).name != "best.pt" for relative in damaged):

@@ -167,8 +167,8 @@ def written_files(marker: Path, out: Path) -> dict[str, str]:
     """The files (relative path: sha256) that a `bundle.json` as `package` writes lists."""
     text = read_text(marker, "bundle manifest", MAX_YAML_BYTES)
     try:
-        manifest = json.loads(text)
-    except (ValueError, RecursionError):  # not the JSON `package` writes, said below
+        manifest = parse_json(text, str(marker))
+    except BadInput:  # not the JSON `package` writes, said below
         manifest = None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (
